@@ -1,0 +1,67 @@
+"""Measuring a model on data: hits per metric, accuracy, and a safe eval-mode switch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carlib.errors import CarlibError
+
+METRICS = ("top1", "top5", "loss")
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise CarlibError(f"unknown metric '{metric}'; valid: {', '.join(METRICS)}")
+
+
+def hits(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Bool per row (over the last dim of logits): target among the top-k predictions."""
+    if k == 1:
+        return logits.argmax(-1) == targets
+    k = min(k, logits.shape[-1])
+    return (logits.topk(k, dim=-1).indices == targets.unsqueeze(-1)).any(-1)
+
+
+def topk_of(metric: str) -> int:
+    """The k whose hits a metric counts (the loss metric still counts top-1 accuracy)."""
+    return 5 if metric == "top5" else 1
+
+
+def losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy in float64 (logits may carry leading batch dims)."""
+    flat = logits.reshape(-1, logits.shape[-1]).double()
+    t = targets.expand(logits.shape[:-1]).reshape(-1)
+    return F.cross_entropy(flat, t, reduction="none").view(logits.shape[:-1])
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's flag afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Iterable) -> dict[str, float]:
+    """top1, top5 (fractions), mean cross-entropy and n of `model` on `data` batches."""
+    n, c1, c5, loss = 0, 0, 0, 0.0
+    with eval_mode(model):
+        for x, y in data:
+            out = model(x)
+            n += len(y)
+            c1 += int(hits(out, y, 1).sum())
+            c5 += int(hits(out, y, 5).sum())
+            loss += float(losses(out, y).sum())
+    if n == 0:
+        raise CarlibError("evaluation data is empty; check the dataset and subset sizes")
+    return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n, "n": n}

@@ -1,0 +1,146 @@
+"""Models: small CPU networks, torchvision AlexNet/ResNet-50, and checkpoints.
+
+Small networks name their layers `conv1`, `conv2`, ... so configs read like the paper.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from carlib.errors import CarlibError
+
+MODELS = ("alexnet_small", "lenet5", "alexnet", "resnet50")
+
+
+def _conv_block(c_in: int, c_out: int, k: int, stride: int, bn: bool) -> list[tuple[str, nn.Module]]:
+    return [("conv", nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=not bn))] + (
+        [("bn", nn.BatchNorm2d(c_out))] if bn else []
+    )
+
+
+class AlexNetSmall(nn.Module):
+    """AlexNet-shaped network for 32x32 input: 5 conv + 3 fully connected, ReLU, max-pool.
+
+    conv1 (5x5, stride 2) and conv2 (5x5) each end in a max-pool like AlexNet's; conv3-5 are
+    3x3; the widths keep the paper's ratios (conv1 < conv2 < conv3 = conv4 > conv5) at a size
+    that trains and prunes on a CPU in minutes.
+    """
+
+    def __init__(self, num_classes: int = 6, in_channels: int = 3,
+                 widths: tuple[int, ...] = (32, 64, 96, 96, 64), hidden: int = 256,
+                 batchnorm: bool = False, dropout: float = 0.5) -> None:
+        super().__init__()
+        w1, w2, w3, w4, w5 = widths
+        self.conv1 = nn.Conv2d(in_channels, w1, 5, stride=2, padding=2, bias=not batchnorm)
+        self.bn1 = nn.BatchNorm2d(w1) if batchnorm else nn.Identity()
+        self.conv2 = nn.Conv2d(w1, w2, 5, padding=2, bias=not batchnorm)
+        self.bn2 = nn.BatchNorm2d(w2) if batchnorm else nn.Identity()
+        self.conv3 = nn.Conv2d(w2, w3, 3, padding=1)
+        self.conv4 = nn.Conv2d(w3, w4, 3, padding=1)
+        self.conv5 = nn.Conv2d(w4, w5, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(w5 * 2 * 2, hidden), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu(self.bn1(self.conv1(x))))  # 32 -> 16 -> 8
+        x = self.pool(self.relu(self.bn2(self.conv2(x))))  # 8 -> 4
+        x = self.relu(self.conv3(x))
+        x = self.relu(self.conv4(x))
+        x = self.pool(self.relu(self.conv5(x)))  # 4 -> 2
+        return self.classifier(x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 for 28x28 input (padding 2 on conv1), ReLU and max-pool."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu(self.conv1(x)))
+        x = self.pool(self.relu(self.conv2(x)))
+        return self.classifier(x)
+
+
+def _torchvision_model(name: str, num_classes: int, weights: str | None,
+                       weights_path: str | None) -> nn.Module:
+    """torchvision AlexNet/ResNet-50; weights from an explicit file or the local torch hub cache."""
+    import torchvision
+
+    enum = {"alexnet": torchvision.models.AlexNet_Weights,
+            "resnet50": torchvision.models.ResNet50_Weights}[name]
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    if weights_path is None and weights is None:
+        return model
+    if weights_path is None:
+        try:
+            w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+        except KeyError:
+            valid = ", ".join(["DEFAULT", *enum.__members__])
+            raise CarlibError(f"unknown weights '{weights}' for {name}; valid: {valid}") from None
+        weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
+        hint = (f"put {os.path.basename(w.url)} in the torch hub cache ({Path(weights_path).parent})"
+                " or set model.weights_path=FILE")
+    else:
+        hint = "check model.weights_path"
+    if not os.path.isfile(weights_path):
+        raise CarlibError(f"weights file not found: {weights_path}; {hint}")
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CarlibError(f"weights file {weights_path} does not fit {name}: {first}") from None
+    return model
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, *, widths: Any = None,
+                batchnorm: bool = False, weights: str | None = None,
+                weights_path: str | None = None, **_: Any) -> nn.Module:
+    """Build a model by name (see MODELS). Extra keys in a model config are ignored."""
+    if name == "alexnet_small":
+        kw = {"widths": tuple(widths)} if widths is not None else {}
+        return AlexNetSmall(num_classes, in_channels, batchnorm=batchnorm, **kw)
+    if name == "lenet5":
+        return LeNet5(num_classes, in_channels)
+    if name in ("alexnet", "resnet50"):
+        return _torchvision_model(name, num_classes, weights, weights_path)
+    raise CarlibError(f"unknown model '{name}'; valid: {', '.join(MODELS)}")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, model_cfg: dict, meta: dict) -> None:
+    """Save weights with the model config that rebuilds them (atomic: write, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"state_dict": model.state_dict(), "model_cfg": model_cfg, "meta": meta}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by `save_checkpoint`; returns (model in eval mode, meta)."""
+    if not os.path.isfile(path):
+        raise CarlibError(f"checkpoint not found: {path}; train one with experiments/train.py "
+                          "or fix the path")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = dict(ckpt["model_cfg"])
+    model = build_model(**{**cfg, "weights": None, "weights_path": None})
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt["meta"]
