@@ -1,0 +1,345 @@
+"""Datasets, train/test splits, the fixed scoring subset and loaders.
+
+Normalization (all datasets return float tensors normalized per channel as ``(x - mean) / std``
+with x in 0..1; `DataBundle.mean`/`.std` record the values):
+
+- shapes: mean 0.5, std 0.25 for every channel, i.e. ``(x/255 - 0.5) / 0.25``.
+- fashion_mnist: mean 0.2860, std 0.3530 (training-set statistics).
+- cifar10: mean (0.4914, 0.4822, 0.4465), std (0.2470, 0.2435, 0.2616).
+- imagenet: mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225) unless `weights_transforms`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from carlib.errors import CarlibError
+from carlib.shapes import make_shapes
+
+DATASETS: tuple[str, ...] = ("shapes", "fashion_mnist", "cifar10", "imagenet")
+
+FASHION_MNIST_CLASSES: list[str] = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+SHAPES_MEAN, SHAPES_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SHAPES_TEST_SEED_OFFSET = 1_000_003  # test split seed = seed + this, so splits never coincide
+
+
+@dataclass
+class DataBundle:
+    """A dataset's train and held-out test splits plus what a model needs to know about it."""
+
+    train: Dataset
+    test: Dataset
+    classes: list[str]
+    in_channels: int
+    image_size: int
+    name: str
+    mean: tuple[float, ...] = field(default=())
+    std: tuple[float, ...] = field(default=())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def targets(dataset: Dataset) -> torch.Tensor:
+    """Labels of `dataset` as an int64 tensor, without loading images where possible."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].long()
+    if isinstance(dataset, Subset):
+        idx = torch.as_tensor(list(dataset.indices), dtype=torch.int64)
+        return targets(dataset.dataset)[idx]
+    labels = getattr(dataset, "targets", None)
+    if labels is not None:
+        return torch.as_tensor(labels, dtype=torch.int64)
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)
+
+
+def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 N x C x H x W -> float32 normalized per channel."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x.float().div_(255) - m).div_(s)
+
+
+# ----------------------------------------------------------------------------- idx files
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an idx file (MNIST format; gzip-compressed if the name ends in .gz)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise CarlibError(f"Cannot read idx file {path} ({e}); re-download or replace it.") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise CarlibError(f"{path} is not an idx file (bad magic number); replace it.")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    count = int(np.prod(dims, dtype=np.int64))
+    if len(raw) != header + count * dtype.itemsize:
+        raise CarlibError(f"{path} is truncated or corrupt (size does not match header dims "
+                          f"{dims}); re-download it.")
+    return np.frombuffer(raw, dtype, count=count, offset=header).reshape(dims).astype(
+        dtype.newbyteorder("="))
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _fashion_dir(root: str | os.PathLike | None) -> Path | None:
+    """First directory holding all four Fashion-MNIST idx files (gz or not)."""
+    candidates = []
+    if root is not None:
+        candidates += [Path(root), Path(root) / "FashionMNIST" / "raw"]
+    candidates.append(FASHION_MNIST_SYSTEM_DIR)
+    stems = [s for pair in _FASHION_FILES.values() for s in pair]
+    for d in candidates:
+        if all(_find_idx(d, s) is not None for s in stems):
+            return d
+    return None
+
+
+def _fashion_split(directory: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    img_stem, lab_stem = _FASHION_FILES[train]
+    images = read_idx(_find_idx(directory, img_stem))  # type: ignore[arg-type]
+    labels = read_idx(_find_idx(directory, lab_stem))  # type: ignore[arg-type]
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise CarlibError(f"Fashion-MNIST files in {directory} disagree: images {images.shape}, "
+                          f"labels {labels.shape}; replace them.")
+    x = torch.from_numpy(images.astype(np.uint8)).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def _load_fashion(root: str | None, download: bool) -> tuple[Dataset, Dataset]:
+    directory = _fashion_dir(root)
+    if directory is not None:
+        splits = [_fashion_split(directory, train) for train in (True, False)]
+    else:
+        if not download:
+            where = f"{root}, {Path(root) / 'FashionMNIST' / 'raw'}, " if root else ""
+            raise CarlibError(
+                f"Fashion-MNIST not found (looked in {where}{FASHION_MNIST_SYSTEM_DIR}) for "
+                "train-/t10k-{images-idx3,labels-idx1}-ubyte[.gz]; set data.root to their "
+                "directory or data.download=true.")
+        from torchvision.datasets import FashionMNIST
+
+        splits = []
+        for train in (True, False):
+            try:
+                ds = FashionMNIST(root or "data", train=train, download=True)
+            except Exception as e:  # network/IO failures vary
+                raise CarlibError(f"Downloading Fashion-MNIST to {root or 'data'} failed ({e}); "
+                                  "check the network or place the idx files there.") from e
+            splits.append((ds.data.unsqueeze(1), ds.targets.long()))
+    return tuple(  # type: ignore[return-value]
+        TensorDataset(_normalize(x, FASHION_MEAN, FASHION_STD), y) for x, y in splits)
+
+
+# ----------------------------------------------------------------------------- others
+
+
+def _load_cifar10(root: str | None, download: bool) -> tuple[Dataset, Dataset, list[str]]:
+    from torchvision import transforms as T
+    from torchvision.datasets import CIFAR10
+
+    path = root or "data"
+    tf = T.Compose([T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+    try:
+        train = CIFAR10(path, train=True, transform=tf, download=download)
+        test = CIFAR10(path, train=False, transform=tf, download=download)
+    except Exception as e:  # torchvision raises RuntimeError/URLError/OSError
+        raise CarlibError(
+            f"CIFAR-10 not found or unreadable at {Path(path).resolve()} (expected "
+            f"{Path(path) / 'cifar-10-batches-py'}/data_batch_1..5, test_batch; {e}); set "
+            "data.root or use data.download=true when the network is available.") from e
+    return train, test, list(train.classes)
+
+
+def _load_imagenet(
+    root: str | None, weights_transforms: Callable | None
+) -> tuple[Dataset, Dataset, list[str], int]:
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    layout = "root/{train,val}/<wnid>/*.JPEG"
+    if root is None:
+        raise CarlibError(f"imagenet needs data.root pointing at an ImageFolder tree ({layout}).")
+    for split in ("train", "val"):
+        if not (Path(root) / split).is_dir():
+            raise CarlibError(f"ImageNet split missing: {Path(root) / split} is not a directory; "
+                              f"expected the ImageFolder layout {layout}.")
+    if weights_transforms is not None:
+        tf = weights_transforms
+        crop = getattr(weights_transforms, "crop_size", 224)
+        size = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
+    else:
+        tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        size = 224
+    try:
+        train = ImageFolder(str(Path(root) / "train"), transform=tf)
+        test = ImageFolder(str(Path(root) / "val"), transform=tf)
+    except (FileNotFoundError, OSError) as e:
+        raise CarlibError(f"Cannot read ImageNet at {root} ({e}); expected {layout}.") from e
+    if train.classes != test.classes:
+        raise CarlibError(f"{Path(root) / 'train'} and {Path(root) / 'val'} have different class "
+                          "folders; give both the same <wnid> subfolders.")
+    return train, test, list(train.classes), size
+
+
+def _subset(ds: Dataset, n: int | None, seed: int, what: str) -> Dataset:
+    """Seeded class-stratified subset of `n` items (whole dataset when n is None or len)."""
+    if n is None or n == len(ds):  # type: ignore[arg-type]
+        return ds
+    if n > len(ds):  # type: ignore[arg-type]
+        raise CarlibError(f"{what}={n} exceeds the {len(ds)} items available; "  # type: ignore
+                          "lower it or leave it unset.")
+    idx = scoring_subset(targets(ds), n, seed)
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(*(t[idx] for t in ds.tensors))
+    return Subset(ds, idx.tolist())
+
+
+def load_dataset(
+    name: str,
+    root: str | None = None,
+    *,
+    seed: int = 0,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    image_size: int = 32,
+    color_label: bool = False,
+    download: bool = False,
+    weights_transforms: Callable | None = None,
+) -> DataBundle:
+    """Load `name` (one of DATASETS) as normalized train/test splits.
+
+    `image_size` and `color_label` apply to "shapes" only (other datasets keep their native
+    size: 28, 32, or the crop size). `n_train`/`n_test` take a seeded class-stratified subset
+    (for "shapes" they set how many images are generated: default 12000/2000).
+    """
+    root = None if root in (None, "") else str(root)
+    if name == "shapes":
+        n_tr = 12000 if n_train is None else n_train
+        n_te = 2000 if n_test is None else n_test
+        x_tr, y_tr, classes = make_shapes(n_tr, seed, image_size, color_label)
+        x_te, y_te, _ = make_shapes(n_te, seed + SHAPES_TEST_SEED_OFFSET, image_size, color_label)
+        return DataBundle(
+            TensorDataset(_normalize(x_tr, SHAPES_MEAN, SHAPES_STD), y_tr),
+            TensorDataset(_normalize(x_te, SHAPES_MEAN, SHAPES_STD), y_te),
+            classes, 3, image_size, name, SHAPES_MEAN, SHAPES_STD)
+    if name == "fashion_mnist":
+        train, test = _load_fashion(root, download)
+        classes, channels, size = list(FASHION_MNIST_CLASSES), 1, 28
+        mean, std = FASHION_MEAN, FASHION_STD
+    elif name == "cifar10":
+        train, test, classes = _load_cifar10(root, download)
+        channels, size, mean, std = 3, 32, CIFAR10_MEAN, CIFAR10_STD
+    elif name == "imagenet":
+        train, test, classes, size = _load_imagenet(root, weights_transforms)
+        channels = 3
+        mean = tuple(getattr(weights_transforms, "mean", IMAGENET_MEAN))
+        std = tuple(getattr(weights_transforms, "std", IMAGENET_STD))
+    else:
+        raise CarlibError(f"Unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}.")
+    train = _subset(train, n_train, seed, "n_train")
+    test = _subset(test, n_test, seed + 1, "n_test")
+    return DataBundle(train, test, classes, channels, size, name, mean, std)
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+def scoring_subset(targets: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Seeded class-stratified sample of `n` indices into `targets`, sorted, int64.
+
+    Per-class counts are as equal as possible (differ by at most one unless a class runs out,
+    in which case the others take up the slack); which classes get the remainder is drawn from
+    the seed. Deterministic for (targets, n, seed).
+    """
+    y = torch.as_tensor(targets).cpu().numpy().astype(np.int64).ravel()
+    classes, counts = np.unique(y, return_counts=True)
+    k = len(classes)
+    if not k <= n <= len(y):
+        raise CarlibError(f"Subset size n={n} must be between the number of classes ({k}) and "
+                          f"the number of items ({len(y)}); change n.")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(k)  # tie-break: who gets the remainder
+    alloc = np.zeros(k, dtype=np.int64)
+    remaining = n
+    while remaining > 0:
+        active = [i for i in order if alloc[i] < counts[i]]
+        share = remaining // len(active)
+        if share == 0:
+            for i in active[:remaining]:
+                alloc[i] += 1
+            break
+        for i in active:
+            give = min(share, counts[i] - alloc[i])
+            alloc[i] += give
+            remaining -= give
+    picked = [rng.choice(np.flatnonzero(y == c), size=int(a), replace=False)
+              for c, a in zip(classes, alloc, strict=True)]
+    return torch.from_numpy(np.sort(np.concatenate(picked)).astype(np.int64))
+
+
+def save_indices(path: str | os.PathLike, indices: torch.Tensor | Sequence[int]) -> None:
+    """Write indices as text, one per line, atomically (path.tmp then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = torch.as_tensor(indices, dtype=torch.int64).ravel().tolist()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{v}\n" for v in values))
+    os.replace(tmp, path)
+
+
+def load_indices(path: str | os.PathLike) -> torch.Tensor:
+    """Read indices written by `save_indices` as an int64 tensor."""
+    path = Path(path)
+    try:
+        lines = path.read_text().split()
+    except OSError as e:
+        raise CarlibError(f"Cannot read index file {path} ({e.strerror}); check the path.") from e
+    try:
+        return torch.tensor([int(s) for s in lines], dtype=torch.int64)
+    except ValueError as e:
+        raise CarlibError(f"{path} must hold one integer per line ({e}); regenerate it.") from e
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
+    """Single-process DataLoader; shuffling uses its own seeded generator."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0,
+                      generator=generator)
