@@ -60,6 +60,7 @@ def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
 
     `data` is the scoring set ((inputs, targets) batches); `eval_data`, if given, is the held-out
     set whose top-1 accuracy is recorded after every step. Criteria: see `carlib.criteria`.
+    `progress` shows a bar when output is a terminal.
     """
     check_metric(metric)
     score_fn = get_criterion(criterion, seed)
@@ -84,8 +85,8 @@ def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
                 "heldout_top1": measure(held, "top1")[0] if held is not None else float("nan")})
 
         record(0, None, float("nan"), (0, ""))
-        bar = tqdm(total=n_filters - n_keep, desc=f"{criterion:>6} {layer}", disable=not progress,
-                   leave=False)
+        bar = tqdm(total=n_filters - n_keep, desc=f"{criterion:>6} {layer}", leave=False,
+                   disable=None if progress else True)  # None: only on a terminal
         for step in range(1, n_filters - n_keep + 1):
             kept = net.kept(layer)
             scores, t = score_fn(net, layer, cut, kept, metric)

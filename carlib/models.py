@@ -17,12 +17,6 @@ from carlib.errors import CarlibError
 MODELS = ("alexnet_small", "lenet5", "alexnet", "resnet50")
 
 
-def _conv_block(c_in: int, c_out: int, k: int, stride: int, bn: bool) -> list[tuple[str, nn.Module]]:
-    return [("conv", nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=not bn))] + (
-        [("bn", nn.BatchNorm2d(c_out))] if bn else []
-    )
-
-
 class AlexNetSmall(nn.Module):
     """AlexNet-shaped network for 32x32 input: 5 conv + 3 fully connected, ReLU, max-pool.
 
@@ -33,7 +27,7 @@ class AlexNetSmall(nn.Module):
 
     def __init__(self, num_classes: int = 6, in_channels: int = 3,
                  widths: tuple[int, ...] = (32, 64, 96, 96, 64), hidden: int = 256,
-                 batchnorm: bool = False, dropout: float = 0.5) -> None:
+                 batchnorm: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         w1, w2, w3, w4, w5 = widths
         self.conv1 = nn.Conv2d(in_channels, w1, 5, stride=2, padding=2, bias=not batchnorm)
@@ -47,7 +41,8 @@ class AlexNetSmall(nn.Module):
         self.pool = nn.MaxPool2d(2)
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Dropout(dropout), nn.Linear(w5 * 2 * 2, hidden), nn.ReLU(),
-            nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
+            nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,8 +91,8 @@ def _torchvision_model(name: str, num_classes: int, weights: str | None,
             valid = ", ".join(["DEFAULT", *enum.__members__])
             raise CarlibError(f"unknown weights '{weights}' for {name}; valid: {valid}") from None
         weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
-        hint = (f"put {os.path.basename(w.url)} in the torch hub cache ({Path(weights_path).parent})"
-                " or set model.weights_path=FILE")
+        hint = (f"put {os.path.basename(w.url)} in the torch hub cache "
+                f"({Path(weights_path).parent}) or set model.weights_path=FILE")
     else:
         hint = "check model.weights_path"
     if not os.path.isfile(weights_path):
@@ -112,12 +107,12 @@ def _torchvision_model(name: str, num_classes: int, weights: str | None,
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, *, widths: Any = None,
-                batchnorm: bool = False, weights: str | None = None,
+                batchnorm: bool = False, dropout: float = 0.0, weights: str | None = None,
                 weights_path: str | None = None, **_: Any) -> nn.Module:
     """Build a model by name (see MODELS). Extra keys in a model config are ignored."""
     if name == "alexnet_small":
         kw = {"widths": tuple(widths)} if widths is not None else {}
-        return AlexNetSmall(num_classes, in_channels, batchnorm=batchnorm, **kw)
+        return AlexNetSmall(num_classes, in_channels, batchnorm=batchnorm, dropout=dropout, **kw)
     if name == "lenet5":
         return LeNet5(num_classes, in_channels)
     if name in ("alexnet", "resnet50"):

@@ -11,7 +11,7 @@ from torch import nn
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine terms (so zeroing weights != removal)."""
+    """Give every BatchNorm non-trivial statistics and affine terms (zeroing weights != removal)."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):

@@ -27,7 +27,7 @@ class Toy(nn.Module):
 
 
 def groups(sizes: list[int], channels: int, negatives: int = 5) -> list[tuple]:
-    """Group i: `sizes[i]` images with only channel i on (label 1); plus all-zero images (label 0)."""
+    """Group i: `sizes[i]` images with only channel i on (label 1); all-zero images are label 0."""
     xs, ys = [], []
     for i, n in enumerate(sizes):
         x = torch.zeros(n, channels, 1, 1)

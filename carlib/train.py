@@ -1,0 +1,41 @@
+"""Training and fine-tuning: one plain loop (AdamW or SGD, cosine schedule), seeded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from carlib.errors import CarlibError
+
+
+def fit(model: nn.Module, loader: Iterable, epochs: int, lr: float = 2e-3,
+        weight_decay: float = 5e-4, optimizer: str = "adamw", progress: bool = True) -> nn.Module:
+    """Train `model` in place on `loader` for `epochs` with a per-step cosine-decayed `lr`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        raise CarlibError(f"unknown optimizer '{optimizer}'; valid: adamw, sgd")
+    total = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1),
+                                                pct_start=0.15)
+    model.train()
+    bar = tqdm(total=total, desc="train", leave=False,
+               disable=None if progress else True)  # None: only on a terminal
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return model.eval()

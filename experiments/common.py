@@ -1,0 +1,141 @@
+"""Shared set-up of the experiment scripts: config -> data, model, loaders, W&B; error guard."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.utils.data import DataLoader, Subset
+
+from carlib.data import DataBundle, load_dataset, make_loader, save_indices, scoring_subset, targets
+from carlib.errors import CarlibError
+from carlib.evaluate import evaluate
+from carlib.models import build_model, load_checkpoint, save_checkpoint
+from carlib.train import fit
+
+
+def output_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+    """Turn bad input into one line on stderr and exit code 2; drop a run folder left empty."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig) -> None:
+        try:
+            fn(cfg)
+        except (CarlibError, OmegaConfBaseException) as e:
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+            out = output_dir()
+            if out.is_dir() and not any(p.suffix in (".csv", ".png") for p in out.rglob("*")):
+                shutil.rmtree(out, ignore_errors=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def load_data(cfg: DictConfig) -> DataBundle:
+    d = cfg.data
+    tf = None
+    if d.name == "imagenet" and cfg.model.get("weights"):
+        import torchvision
+
+        enum = {"alexnet": torchvision.models.AlexNet_Weights,
+                "resnet50": torchvision.models.ResNet50_Weights}.get(cfg.model.name)
+        tf = enum[cfg.model.weights].transforms() if enum is not None else None
+    return load_dataset(d.name, d.root, seed=cfg.seed, n_train=d.n_train, n_test=d.n_test,
+                        image_size=d.image_size, color_label=d.color_label, download=d.download,
+                        weights_transforms=tf)
+
+
+def model_config(cfg: DictConfig, bundle: DataBundle) -> dict:
+    """The keyword arguments of `build_model` for this run (what a checkpoint stores)."""
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    m.pop("checkpoint", None)
+    return {**m, "num_classes": bundle.num_classes, "in_channels": bundle.in_channels}
+
+
+def checkpoint_path(cfg: DictConfig, bundle: DataBundle) -> Path:
+    """`model.checkpoint` if set, else a cache path keyed by everything that shapes the weights."""
+    if cfg.model.checkpoint:
+        return Path(cfg.model.checkpoint)
+    key = {"model": model_config(cfg, bundle), "train": OmegaConf.to_container(cfg.train),
+           "data": {k: v for k, v in OmegaConf.to_container(cfg.data).items()
+                    if k != "batch_size"}, "seed": cfg.seed}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{cfg.model.name}-{cfg.data.name}-{digest}.pt"
+    return Path(cfg.paths.cache_dir) / "checkpoints" / name
+
+
+def train_model(cfg: DictConfig, bundle: DataBundle, path: Path) -> torch.nn.Module:
+    """Train from scratch with `cfg.train` and save the checkpoint with its config."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(**model_config(cfg, bundle))
+    t = cfg.train
+    start = time.perf_counter()
+    fit(model, make_loader(bundle.train, t.batch_size, shuffle=True, seed=cfg.seed), t.epochs,
+        lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, progress=cfg.progress)
+    seconds = time.perf_counter() - start
+    acc = evaluate(model, make_loader(bundle.test, cfg.data.batch_size))
+    print(f"trained {cfg.model.name} on {cfg.data.name} in {seconds:.0f} s: held-out top-1 "
+          f"{acc['top1']:.4f}; saved {path}")
+    save_checkpoint(path, model, model_config(cfg, bundle),
+                    {"heldout": acc, "train_seconds": seconds,
+                     "config": OmegaConf.to_container(cfg, resolve=True)})
+    return model
+
+
+def get_model(cfg: DictConfig, bundle: DataBundle,
+              check: Callable[[torch.nn.Module], object] = lambda m: None) -> torch.nn.Module:
+    """Pretrained weights, an explicit checkpoint, or the cached/trained model of this config.
+
+    `check` runs on the (untrained) model before any training, to fail fast on bad input.
+    """
+    if cfg.model.get("weights") or cfg.model.get("weights_path"):
+        model = build_model(**model_config(cfg, bundle))
+        check(model)
+        return model.eval()
+    path = checkpoint_path(cfg, bundle)
+    if cfg.model.checkpoint or path.is_file():
+        model, _ = load_checkpoint(path)
+        check(model)
+        return model
+    check(build_model(**model_config(cfg, bundle)))
+    return train_model(cfg, bundle, path)
+
+
+def scoring_and_heldout(cfg: DictConfig, bundle: DataBundle, out: Path
+                        ) -> tuple[DataLoader, DataLoader]:
+    """Loaders of the fixed scoring subset (train split; indices saved in `out`) and held-out."""
+    s = cfg.method.scoring
+    idx = scoring_subset(targets(bundle.train), s.size, s.seed)
+    save_indices(out / "scoring_indices.txt", idx)
+    bs = cfg.data.batch_size
+    return (make_loader(Subset(bundle.train, idx.tolist()), bs),
+            make_loader(bundle.test, bs))
+
+
+def start_wandb(cfg: DictConfig, out: Path, job_type: str):
+    """A W&B run in `cfg.logger.mode` (disabled | offline | online), or None when disabled."""
+    mode = cfg.logger.mode
+    if mode not in ("disabled", "offline", "online"):
+        raise CarlibError(f"logger.mode='{mode}' is not one of disabled, offline, online")
+    if mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode,
+                      dir=str(out), job_type=job_type,
+                      config=OmegaConf.to_container(cfg, resolve=True),
+                      settings=wandb.Settings(silent=True, console="off"))

@@ -1,0 +1,21 @@
+"""Train a model from the config and save a checkpoint together with its config.
+
+    python experiments/train.py model=lenet5 data=fashion_mnist train.epochs=3
+"""
+
+from __future__ import annotations
+
+import hydra
+from common import checkpoint_path, guard, load_data, train_model
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@guard
+def main(cfg: DictConfig) -> None:
+    bundle = load_data(cfg)
+    train_model(cfg, bundle, checkpoint_path(cfg, bundle))
+
+
+if __name__ == "__main__":
+    main()
