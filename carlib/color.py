@@ -1,0 +1,101 @@
+"""Color selectivity of filters, measured two ways, and how many pruned filters are color-selective.
+
+Weight index (filters that see RGB input): express the filter in an orthonormal opponent-color
+basis, luminance L = (R+G+B)/sqrt(3), red-green O1 = (R-G)/sqrt(2), yellow-blue
+O2 = (R+G-2B)/sqrt(6), and take the chromatic share of its energy,
+``(|O1|^2 + |O2|^2) / (|L|^2 + |O1|^2 + |O2|^2)``: 0 for a filter that weighs R, G and B
+equally (it sees only luminance), 1 for a purely opponent filter (e.g. R - G), 2/3 for a filter
+that reads a single channel. Weights are divided by the per-channel input std first, so the index
+is about the raw image, not the normalization.
+
+Response index (filters of any layer), in the spirit of Rafegas & Vanrell's color selectivity
+index: over the scoring images, the filter's response (spatial max of its channel at the mask
+point, after ReLU where the net has one) on each image's top-responding images in color, compared
+with the response on the same images converted to grayscale:
+``CSI = clip(1 - mean(response gray) / mean(response color), 0, 1)``.
+0: color changes nothing; 1: the response vanishes without color.
+
+A filter is labelled color-selective when its index is >= a threshold (a config value; the paper
+judged by eye).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from scipy.stats import hypergeom
+
+from carlib.graph import MaskedNet
+
+_OPPONENT = torch.tensor([[1 / 3**0.5, 1 / 3**0.5, 1 / 3**0.5],
+                          [1 / 2**0.5, -1 / 2**0.5, 0.0],
+                          [1 / 6**0.5, 1 / 6**0.5, -2 / 6**0.5]], dtype=torch.float64)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 grayscale weights
+
+
+def weight_color_index(weight: torch.Tensor, std: Sequence[float] | None = None) -> torch.Tensor:
+    """Chromatic share of each RGB filter's energy, shape (filters,); weight is (F, 3, kh, kw)."""
+    if weight.dim() != 4 or weight.shape[1] != 3:
+        raise ValueError(f"weight_color_index needs RGB filters (F, 3, kh, kw), got "
+                         f"{tuple(weight.shape)}")
+    w = weight.detach().double()
+    if std is not None:
+        w = w / torch.as_tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    opp = torch.einsum("oc,fchw->fohw", _OPPONENT, w)
+    energy = opp.pow(2).flatten(2).sum(-1)  # (F, 3): L, O1, O2
+    total = energy.sum(1)
+    return torch.where(total > 0, energy[:, 1:].sum(1) / total.clamp_min(1e-300),
+                       torch.zeros_like(total))
+
+
+def to_grayscale(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalized RGB batch -> the same images in grayscale (3 equal channels), normalized."""
+    m = torch.as_tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    raw = x * s + m
+    gray = (raw * torch.as_tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (gray.expand_as(raw) - m) / s
+
+
+@torch.no_grad()
+def channel_responses(net: MaskedNet, layer: str, data: Iterable) -> torch.Tensor:
+    """Spatial max of each channel of `layer` (at its mask point, through the next ReLU) per image.
+
+    Returns (images, filters).
+    """
+    prefix, _ = net.split(layer)
+    out = []
+    for x, _y in data:
+        h = prefix(x)[0].clamp_min(0)
+        out.append(h.flatten(2).amax(-1) if h.dim() > 2 else h)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def response_color_index(net: MaskedNet, layer: str, data: Iterable, mean: Sequence[float],
+                         std: Sequence[float], top: int = 20) -> torch.Tensor:
+    """Response-based color selectivity per filter of `layer`, over each filter's `top` images."""
+    batches = [(x, y) for x, y in data]
+    color = channel_responses(net, layer, batches)
+    gray = channel_responses(net, layer, [(to_grayscale(x, mean, std), y) for x, y in batches])
+    k = min(top, color.shape[0])
+    idx = color.topk(k, dim=0).indices  # (k, filters): each filter's top images in color
+    c = color.gather(0, idx).mean(0)
+    g = gray.gather(0, idx).mean(0)
+    return torch.where(c > 0, (1 - g / c.clamp_min(1e-12)).clamp(0, 1), torch.zeros_like(c))
+
+
+def color_count(order: Sequence[int], selective: torch.Tensor, top_k: int) -> dict[str, float]:
+    """Color-selective filters among the first `top_k` of a pruning order, against chance.
+
+    `selective` is a bool per filter of the layer. The p-value is the exact permutation test
+    (hypergeometric tail): the chance that `top_k` filters drawn at random from the layer
+    include at least as many color-selective ones.
+    """
+    n, c = len(selective), int(selective.sum())
+    k = min(top_k, len(order))
+    observed = int(selective[list(order[:k])].sum())
+    return {"top_k": k, "color_selective": observed, "layer_filters": n,
+            "layer_color_selective": c, "base_rate": c / n, "expected_random": k * c / n,
+            "p_value": float(hypergeom.sf(observed - 1, n, c, k))}
