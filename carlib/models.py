@@ -1,6 +1,7 @@
 """Models: small CPU networks, torchvision AlexNet/ResNet-50, and checkpoints.
 
-Small networks name their layers `conv1`, `conv2`, ... so configs read like the paper.
+Small networks name their layers `conv1`, `conv2`, ... so configs read like the paper;
+`resnet_small` uses torchvision's names (`stem`, `layer1.0.conv1`, ...).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 
 from carlib.errors import CarlibError
 
-MODELS = ("alexnet_small", "lenet5", "alexnet", "resnet50")
+MODELS = ("alexnet_small", "lenet5", "resnet_small", "alexnet", "resnet50")
 
 
 class AlexNetSmall(nn.Module):
@@ -74,6 +75,55 @@ class LeNet5(nn.Module):
         return self.classifier(x)
 
 
+class ResNetSmall(nn.Module):
+    """ResNet for 32x32 input: 3x3 `stem` conv + `stem_bn` + ReLU at full resolution, then
+    stages `layer1`, `layer2`, ... of `blocks[i]` torchvision BasicBlocks of width `widths[i]`
+    (conv-bn-relu-conv-bn + identity, or a 1x1-conv-bn `downsample` where the shape changes);
+    every stage halves the resolution (32 -> 16 -> 8 -> 4), then global average pool and `fc`.
+
+    Prunable by masking: the block conv1s and the stem (it feeds layer1.0's conv1 and its
+    downsample, not an addition). Each block's conv2 and downsample feed the residual additions
+    of their stage, so their channels are coupled across the stage.
+    """
+
+    def __init__(self, num_classes: int = 6, in_channels: int = 3,
+                 widths: tuple[int, ...] = (16, 32, 64),
+                 blocks: tuple[int, ...] = (2, 2, 2)) -> None:
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        if len(widths) != len(blocks) or not widths:
+            raise CarlibError(f"resnet_small needs one width per stage: widths={list(widths)}, "
+                              f"blocks={list(blocks)}")
+        self.stages = len(widths)
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        c = widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks), start=1):
+            layers = []
+            for j in range(n):
+                s = 2 if j == 0 else 1
+                down = None
+                if s != 1 or c != w:
+                    down = nn.Sequential(nn.Conv2d(c, w, 1, stride=s, bias=False),
+                                         nn.BatchNorm2d(w))
+                layers.append(BasicBlock(c, w, s, down))
+                c = w
+            setattr(self, f"layer{i}", nn.Sequential(*layers))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():  # torchvision's ResNet initialization
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.stem_bn(self.stem(x)))
+        for i in range(1, self.stages + 1):
+            x = getattr(self, f"layer{i}")(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
 def _torchvision_model(name: str, num_classes: int, weights: str | None,
                        weights_path: str | None) -> nn.Module:
     """torchvision AlexNet/ResNet-50; weights from an explicit file or the local torch hub cache."""
@@ -108,11 +158,18 @@ def _torchvision_model(name: str, num_classes: int, weights: str | None,
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, *, widths: Any = None,
                 batchnorm: bool = False, dropout: float = 0.0, weights: str | None = None,
-                weights_path: str | None = None, **_: Any) -> nn.Module:
-    """Build a model by name (see MODELS). Extra keys in a model config are ignored."""
+                weights_path: str | None = None, blocks: Any = None, **_: Any) -> nn.Module:
+    """Build a model by name (see MODELS). Extra keys in a model config are ignored.
+
+    `widths`: the conv widths of alexnet_small (5) or the stage widths of resnet_small;
+    `blocks`: the number of BasicBlocks per stage of resnet_small.
+    """
+    kw = {"widths": tuple(widths)} if widths is not None else {}
     if name == "alexnet_small":
-        kw = {"widths": tuple(widths)} if widths is not None else {}
         return AlexNetSmall(num_classes, in_channels, batchnorm=batchnorm, dropout=dropout, **kw)
+    if name == "resnet_small":
+        kw |= {"blocks": tuple(blocks)} if blocks is not None else {}
+        return ResNetSmall(num_classes, in_channels, **kw)
     if name == "lenet5":
         return LeNet5(num_classes, in_channels)
     if name in ("alexnet", "resnet50"):
