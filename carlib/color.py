@@ -99,3 +99,31 @@ def color_count(order: Sequence[int], selective: torch.Tensor, top_k: int) -> di
     return {"top_k": k, "color_selective": observed, "layer_filters": n,
             "layer_color_selective": c, "base_rate": c / n, "expected_random": k * c / n,
             "p_value": float(hypergeom.sf(observed - 1, n, c, k))}
+
+
+def plot_color_counts(counts, title: str = ""):
+    """Bars: color-selective filters among the top-K pruned, per layer and criterion; the
+    dashed tick is the count expected from random pruning (K x the layer's base rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(dict.fromkeys(counts["layer"]))
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.8 * len(layers), 3.4), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        sub = counts[counts["layer"] == layer].reset_index(drop=True)
+        ax.bar(sub.index, sub["color_selective"], color="tab:orange", label="color-selective")
+        ax.hlines(sub["expected_random"], sub.index - 0.4, sub.index + 0.4, colors="k",
+                  linestyles="--", label="expected at random")
+        for i, r in sub.iterrows():
+            ax.text(i, r["color_selective"] + 0.2, f"{r['color_selective']}/{r['top_k']}\n"
+                    f"p={r['p_value']:.2g}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(sub.index, sub["criterion"])
+        ax.set_ylim(0, max(sub["top_k"]) * 1.15)
+        ax.set_title(f"{layer} ({sub['index'][0]} index >= {sub['threshold'][0]})", fontsize=9)
+        ax.set_ylabel("filters among top-K pruned")
+    axes[0][0].legend(fontsize=7, frameon=False, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,14 +1,33 @@
 """Filter-pruning criteria: a score per remaining filter; the lowest score is removed first.
 
-Each criterion is a function (net, layer, cut, kept, metric) -> (scores, tally or None),
-recomputed after every removal so all criteria follow the same greedy schedule.
+Each criterion is a function (net, layer, cut, kept, metric) -> (scores, tally or None), with
+`scores[i]` the importance of filter `kept[i]` (higher = more important), recomputed after every
+removal so all criteria follow the same greedy schedule. `cut` is the layer's `LayerData` on
+the scoring set; its prefix output is the layer's channels at the mask point, *before* the mask.
+
+- `car`: classification accuracy reduction (Abbasi-Asl & Yu): metric drop on removal.
+- `random`: a seeded permutation (over the layer's filters, or over all listed layers' filters
+  for the network-wide schedule).
+- `l1`, `l2`: L1 / L2 norm of the filter's conv weights (bias excluded; Li et al. 2016).
+- `mean_activation`: mean of a(c) over scoring images and spatial positions, where a(c) is the
+  channel at its mask point (conv output, or its BatchNorm's output) passed through ReLU when a
+  ReLU is the op that follows the mask point (as in conv -> [BN] -> ReLU, looking through
+  identity modules and dropout), else taken as is.
+- `apoz`: 1 - APoZ, with APoZ (Hu et al. 2016) the fraction of zeros of that same a(c) over
+  scoring images and positions: high APoZ = unimportant = removed first.
+- `taylor`: first-order Taylor (Molchanov et al. 2019): per scoring batch b, the channel's
+  gate gradient G_b(c) = d L_b / d m_c = sum over the channel's elements of a * dL_b/da, with
+  m_c a multiplier on the channel at its mask point and L_b the batch's mean cross-entropy;
+  importance = mean over batches of G_b(c)^2 (so it depends on the batch size).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from carlib.errors import CarlibError
 from carlib.graph import MaskedNet
@@ -16,6 +35,10 @@ from carlib.scoring import LayerData, Tally, tally
 
 Scores = tuple[torch.Tensor, Tally | None]
 Criterion = Callable[[MaskedNet, str, LayerData, list[int], str], Scores]
+
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu, F.relu_)
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
+CRITERIA = ("car", "random", "l1", "l2", "mean_activation", "apoz", "taylor")
 
 
 def _conv_weight(net: MaskedNet, layer: str) -> torch.Tensor:
@@ -33,23 +56,98 @@ def l1(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str)
     return _conv_weight(net, layer).abs().flatten(1)[kept].sum(1).double(), None
 
 
-def make_random(seed: int) -> Criterion:
-    """Random order, fixed by `seed` (a seeded permutation of the layer's filters)."""
+def l2(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
+    """Euclidean norm of the filter's weights."""
+    return _conv_weight(net, layer).flatten(1)[kept].double().norm(dim=1), None
+
+
+def relu_follows(net: MaskedNet, layer: str) -> bool:
+    """Whether the ops reading the layer's (masked) mask point are ReLUs, looking through
+    identity modules (nn.Identity, e.g. a disabled BatchNorm, and dropout, identity in eval)."""
+    point = next(n for n in net.gm.graph.nodes if n.name == net.unit(layer).mask_node)
+    (mul,) = point.users  # the mask multiplication MaskedNet inserted
+    modules = dict(net.gm.named_modules())
+
+    def module(n: torch.fx.Node) -> nn.Module | None:
+        return modules.get(n.target) if n.op == "call_module" else None
+
+    def is_relu(n: torch.fx.Node) -> bool:
+        if isinstance(module(n), _IDENTITY_MODULES):
+            return bool(n.users) and all(is_relu(u) for u in n.users)
+        return (isinstance(module(n), nn.ReLU)
+                or n.op == "call_function" and n.target in _RELU_FUNCTIONS
+                or n.op == "call_method" and n.target in ("relu", "relu_"))
+
+    return bool(mul.users) and all(is_relu(u) for u in mul.users)
+
+
+def _channel_mean(net: MaskedNet, layer: str, cut: LayerData, kept: list[int],
+                  stat: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Mean of stat(a) over scoring images and positions, per kept channel (float64).
+
+    a = the channel at its mask point, through ReLU where one follows (see module docstring).
+    """
+    act = torch.relu if relu_follows(net, layer) else (lambda t: t)
+    total = torch.zeros(len(kept), dtype=torch.float64)
+    count = 0
+    for (h, *_), _y in cut:
+        a = act(h[:, kept]).transpose(0, 1).reshape(len(kept), -1)
+        total += stat(a).double().sum(1)
+        count += a.shape[1]
+    if count == 0:
+        raise CarlibError("the scoring set is empty; check method.scoring.size")
+    return total / count
+
+
+def mean_activation(net: MaskedNet, layer: str, cut: LayerData, kept: list[int],
+                    metric: str) -> Scores:
+    """Mean post-ReLU activation of the channel on the scoring set."""
+    return _channel_mean(net, layer, cut, kept, lambda a: a), None
+
+
+def apoz(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
+    """1 - Average Percentage of Zeros of the post-ReLU channel (Hu et al. 2016)."""
+    return 1.0 - _channel_mean(net, layer, cut, kept, lambda a: (a == 0).double()), None
+
+
+def taylor(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
+    """First-order Taylor importance (Molchanov et al. 2019): mean over batches of G_b(c)^2."""
+    total = torch.zeros(net.unit(layer).num_filters, dtype=torch.float64)
+    batches = 0
+    for (h, *extras), y in cut:
+        with torch.enable_grad():
+            gate = torch.ones(1, h.shape[1], *[1] * (h.dim() - 2), dtype=h.dtype,
+                              device=h.device, requires_grad=True)
+            loss = F.cross_entropy(cut.suffix(h * gate, *extras), y)
+            (g,) = torch.autograd.grad(loss, gate)
+        total += g.flatten().double().cpu() ** 2
+        batches += 1
+    if batches == 0:
+        raise CarlibError("the scoring set is empty; check method.scoring.size")
+    return (total / batches)[kept], None
+
+
+def make_random(seed: int, layers: Sequence[str] | None = None) -> Criterion:
+    """Random order fixed by `seed`: a seeded permutation of the layer's filters, or, with
+    `layers`, one permutation of all their filters (layer after layer) for ranking across them.
+    """
 
     def random(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
-        n = net.unit(layer).num_filters
-        priority = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).double()
-        return priority[kept], None
+        names = [layer] if layers is None else list(layers)
+        sizes = [net.unit(n).num_filters for n in names]
+        gen = torch.Generator().manual_seed(seed)
+        priority = torch.randperm(sum(sizes), generator=gen).double()
+        start = sum(sizes[:names.index(layer)])
+        return priority[start:start + sizes[names.index(layer)]][kept], None
 
     return random
 
 
-CRITERIA = ("car", "random", "l1")
-
-
-def get_criterion(name: str, seed: int = 0) -> Criterion:
-    """The criterion called `name` (see CRITERIA)."""
-    table: dict[str, Criterion] = {"car": car, "l1": l1, "random": make_random(seed)}
+def get_criterion(name: str, seed: int = 0, layers: Sequence[str] | None = None) -> Criterion:
+    """The criterion called `name` (see CRITERIA); `layers`: see `make_random`."""
+    table: dict[str, Criterion] = {
+        "car": car, "random": make_random(seed, layers), "l1": l1, "l2": l2,
+        "mean_activation": mean_activation, "apoz": apoz, "taylor": taylor}
     if name not in table:
         raise CarlibError(f"unknown criterion '{name}'; valid: {', '.join(CRITERIA)}")
     return table[name]

@@ -7,6 +7,9 @@ conv if there is one (zeroing conv weights would leave the BN bias), else the co
 through zero-preserving, channel-wise ops (ReLU, pooling, dropout, flatten); then a zero channel
 is exactly the physically removed one. Channels that reach an addition, a concatenation or the
 output (residual-coupled channels) are not prunable here.
+
+`MaskedNet.split` cuts the graph at a mask point (prefix, suffix); `split_at_consumers` cuts the
+suffix again into the ops up to the consumers, the consumers, and the rest (see `ConsumerSplit`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,19 @@ class Unit:
     consumers: list[str] = field(default_factory=list)
 
 
+def _is_consumer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    mod = modules.get(node.target) if node.op == "call_module" else None
+    return isinstance(mod, nn.Conv2d) and mod.groups == 1 or isinstance(mod, nn.Linear)
+
+
+def _passes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether `node` is a zero-preserving, channel-wise op (ReLU, pooling, dropout, flatten)."""
+    mod = modules.get(node.target) if node.op == "call_module" else None
+    return (isinstance(mod, _PASS_MODULES)
+            or node.op == "call_function" and node.target in _PASS_FUNCTIONS
+            or node.op == "call_method" and node.target in _PASS_METHODS)
+
+
 def _reach(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[str], str | None]:
     """Consumers reached from `node` through zero-preserving ops, or the reason it can't be."""
     consumers: list[str] = []
@@ -46,15 +62,13 @@ def _reach(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[str], str
         if u in seen:
             continue
         seen.add(u)
-        mod = modules.get(u.target) if u.op == "call_module" else None
-        if isinstance(mod, nn.Conv2d) and mod.groups == 1 or isinstance(mod, nn.Linear):
+        if _is_consumer(u, modules):
             consumers.append(str(u.target))
             continue
-        passes = (isinstance(mod, _PASS_MODULES)
-                  or u.op == "call_function" and u.target in _PASS_FUNCTIONS
-                  or u.op == "call_method" and u.target in _PASS_METHODS)
-        if not passes:
-            what = type(mod).__name__ if mod is not None else getattr(u.target, "__name__", u.target)
+        if not _passes(u, modules):
+            mod = modules.get(u.target) if u.op == "call_module" else None
+            what = (type(mod).__name__ if mod is not None
+                    else getattr(u.target, "__name__", u.target))
             return [], f"its channels reach {what} ({u.name})"
         stack.extend(u.users)
     return consumers, None
@@ -91,7 +105,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         return fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - fx raises many types; report one line
         raise CarlibError(f"cannot trace {type(model).__name__} with torch.fx "
-                          f"({str(e).splitlines()[0]}); carlib needs an fx-traceable model") from None
+                          f"({str(e).splitlines()[0]}); carlib needs an fx-traceable "
+                          "model") from None
 
 
 def prunable_layers(model: nn.Module) -> list[str]:
@@ -142,11 +157,25 @@ class MaskedNet(nn.Module):
         """The layer's mask buffer, shape (1, C, 1, 1); write zeros into it to remove filters."""
         return getattr(self.gm, self._mask_names[self.unit(layer).name])
 
+    def mask_module(self, layer: str) -> nn.Module:
+        """The module whose output is the layer's mask point (its BatchNorm, else the conv)."""
+        node = next(n for n in self.gm.graph.nodes if n.name == self.unit(layer).mask_node)
+        return self.gm.get_submodule(node.target)
+
     def kept(self, layer: str) -> list[int]:
         return torch.nonzero(self.mask(layer).flatten()).flatten().tolist()
 
     def remove(self, layer: str, filters: list[int] | torch.Tensor) -> None:
         self.mask(layer).view(-1)[torch.as_tensor(filters, dtype=torch.long)] = 0.0
+
+    def _cut(self, layer: str) -> tuple[fx.Node, set[fx.Node], list[fx.Node]]:
+        """(mask point node, nodes downstream of it, boundary = [point, *outside inputs])."""
+        graph = self.gm.graph
+        cut = next(n for n in graph.nodes if n.name == self.unit(layer).mask_node)
+        down = _downstream(cut)
+        boundary = [cut] + [a for n in graph.nodes if n in down for a in n.all_input_nodes
+                            if a not in down and a is not cut and a.op != "get_attr"]
+        return cut, down, list(dict.fromkeys(boundary))
 
     def split(self, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]:
         """(prefix, suffix) with `suffix(*prefix(x)) == self(x)`.
@@ -154,31 +183,111 @@ class MaskedNet(nn.Module):
         prefix returns a tuple whose first item is the layer's channels *before* its mask; the
         rest are values computed earlier that the suffix still needs (e.g. a residual input).
         """
-        graph = self.gm.graph
-        cut = next(n for n in graph.nodes if n.name == self.unit(layer).mask_node)
-        down: set[fx.Node] = set()
-        stack = list(cut.users)
+        _, down, boundary = self._cut(layer)
+        before = {n for n in self.gm.graph.nodes if n not in down and n.op != "output"}
+        return (_extract(self.gm, before, [], boundary),
+                _extract(self.gm, down, boundary, None))
+
+    def split_at_consumers(self, layer: str) -> ConsumerSplit:
+        """The suffix of `split(layer)` cut once more, at the layer's consumers.
+
+        Raises CarlibError (with the reason) where channel c of the mask point does not map to
+        input channel c (conv) or feature block c (linear after flatten) of every consumer.
+        """
+        cut, down, boundary = self._cut(layer)
+        modules = dict(self.gm.named_modules())
+        start = next(iter(cut.users))  # the mask multiplication MaskedNet inserted
+        between, consumers, stack = {start}, [], list(start.users)
         while stack:
             n = stack.pop()
-            if n not in down:
-                down.add(n)
+            if _is_consumer(n, modules):
+                consumers.append(n)
+            elif n not in between:
+                between.add(n)
                 stack.extend(n.users)
-        boundary = [cut] + [a for n in graph.nodes if n in down for a in n.all_input_nodes
-                            if a not in down and a is not cut and a.op != "get_attr"]
-        boundary = list(dict.fromkeys(boundary))
+        consumers = [n for n in self.gm.graph.nodes if n in set(consumers)]
+        for c in consumers:
+            _check_path(c, start, modules)
+        rest = down - between - set(consumers)
+        outside = [a for n in rest for a in n.all_input_nodes if a.op != "get_attr"
+                   and a not in rest and a not in consumers and a not in boundary]
+        if outside:
+            raise CarlibError(f"{outside[0].name} feeds both a consumer and later layers")
+        return ConsumerSplit(
+            _extract(self.gm, between, [cut], [c.args[0] for c in consumers]),
+            [modules[c.target] for c in consumers], [str(c.target) for c in consumers],
+            _extract(self.gm, rest, consumers + boundary[1:], None))
 
-        pre, env = fx.Graph(), {}
-        for n in graph.nodes:
-            if n not in down and n.op != "output":
-                env[n] = pre.node_copy(n, lambda a: env[a])
-        pre.output(tuple(env[b] for b in boundary))
 
-        suf, env2 = fx.Graph(), {}
-        for b in boundary:
-            env2[b] = suf.placeholder(f"in_{b.name}")
-        for n in graph.nodes:
-            if n.op == "get_attr" and any(u in down for u in n.users):
-                env2[n] = suf.node_copy(n, lambda a: env2[a])
-            elif n in down:
-                env2[n] = suf.node_copy(n, lambda a: env2[a])
-        return fx.GraphModule(self.gm, pre), fx.GraphModule(self.gm, suf)
+@dataclass
+class ConsumerSplit:
+    """A layer's suffix in three parts: `between` -> `consumers` -> `rest`.
+
+    `suffix(h, *extras) == rest(*[f(x) for f, x in zip(consumers, between(h))], *extras)` where
+    (h, *extras) is what `MaskedNet.split(layer)`'s prefix returns. `between` applies the mask
+    and the zero-preserving, channel-wise ops up to the consumers, so channel c of h reaches
+    only input channel c of a conv consumer, or the c-th block of in_features/C inputs of a
+    linear consumer (after a flatten from dim 1).
+    """
+
+    between: fx.GraphModule
+    consumers: list[nn.Module]
+    consumer_names: list[str]
+    rest: fx.GraphModule
+
+
+def _downstream(node: fx.Node) -> set[fx.Node]:
+    down: set[fx.Node] = set()
+    stack = list(node.users)
+    while stack:
+        n = stack.pop()
+        if n not in down:
+            down.add(n)
+            stack.extend(n.users)
+    return down
+
+
+def _extract(gm: fx.GraphModule, keep: set[fx.Node], inputs: list[fx.Node],
+             outputs: list[fx.Node] | None) -> fx.GraphModule:
+    """The nodes `keep` of `gm` (plus the attributes they read) as a module of `inputs`.
+
+    Returns the tuple `outputs`, or what gm's own output node returns when `outputs` is None.
+    """
+    g: fx.Graph = fx.Graph()
+    env = {i: g.placeholder(f"in_{i.name}") for i in inputs}
+    for n in gm.graph.nodes:
+        if n in keep or n.op == "get_attr" and any(u in keep for u in n.users):
+            env[n] = g.node_copy(n, lambda a: env[a])
+    if outputs is not None:
+        g.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(gm, g)
+
+
+def _flatten_dims(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, int] | None:
+    """(start_dim, end_dim) of a flatten node, None for any other op."""
+    if node.op == "call_module" and isinstance(modules[node.target], nn.Flatten):
+        mod = modules[node.target]
+        return mod.start_dim, mod.end_dim
+    if node.target is torch.flatten or node.op == "call_method" and node.target == "flatten":
+        args = [*node.args[1:], None, None]
+        start = node.kwargs.get("start_dim", args[0] if args[0] is not None else 0)
+        return start, node.kwargs.get("end_dim", args[1] if args[1] is not None else -1)
+    return None
+
+
+def _check_path(consumer: fx.Node, start: fx.Node, modules: dict[str, nn.Module]) -> None:
+    """Raise unless channel c at `start` is input channel / feature block c of `consumer`."""
+    mod = modules[consumer.target]
+    flattens, n = [], consumer.args[0]
+    while n is not start:
+        if (d := _flatten_dims(n, modules)) is not None:
+            flattens.append(d)
+        n = n.args[0] if n.args else None
+        if not isinstance(n, fx.Node):
+            raise CarlibError(f"cannot follow the channels from {start.name} to {consumer.name}")
+    if isinstance(mod, nn.Conv2d) and (flattens or mod.padding_mode != "zeros"):
+        raise CarlibError(f"consumer {consumer.target} is a conv after a flatten or with "
+                          f"padding_mode={mod.padding_mode!r}")
+    if isinstance(mod, nn.Linear) and flattens != [(1, -1)]:
+        raise CarlibError(f"consumer {consumer.target} is a linear layer not after one flatten "
+                          "from dim 1")

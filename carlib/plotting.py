@@ -1,4 +1,4 @@
-"""One plotting helper over tidy DataFrames: a metric against filters remaining."""
+"""Plotting helpers over tidy DataFrames: a metric against filters remaining; rank agreement."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 STYLE = {"car": ("tab:red", "-"), "random": ("tab:gray", "--"), "l1": ("tab:blue", "-."),
@@ -39,4 +40,31 @@ def plot_curves(df: pd.DataFrame, y: str = "heldout_top1", panel: str = "layer",
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_rank_agreement(df: pd.DataFrame, reference: str = "car",
+                        title: str | None = None) -> plt.Figure:
+    """Heatmaps (layers x criteria) of Spearman and Kendall correlation with `reference`.
+
+    `df` is `carlib.agreement.rank_agreement`'s frame; each cell is annotated with its value
+    (1 = the same ranking as the reference, 0 = unrelated, -1 = reversed).
+    """
+    layers = list(dict.fromkeys(df["layer"]))
+    names = list(dict.fromkeys(df["criterion"]))
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.9 * len(names), 1.6 + 0.55 * len(layers)),
+                             squeeze=False, layout="constrained")
+    for ax, stat in zip(axes[0], ("spearman", "kendall")):
+        grid = df.pivot(index="layer", columns="criterion", values=stat).loc[layers, names]
+        im = ax.imshow(grid.to_numpy(dtype=float), cmap="RdBu_r", vmin=-1, vmax=1,
+                       aspect="auto")
+        for (i, j), v in np.ndenumerate(grid.to_numpy(dtype=float)):
+            ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                    fontsize=9, color="white" if abs(v) > 0.6 else "black")
+        ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
+        ax.set_yticks(range(len(layers)), layers)
+        ax.set_title(f"{stat.capitalize()} with {reference}")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9)
+    if title:
+        fig.suptitle(title)
     return fig

@@ -1,20 +1,50 @@
 """CAR scoring: network accuracy with each candidate filter removed, as exact counts.
 
 For a layer, the network is cut at the layer's mask point (`MaskedNet.split`): the prefix runs
-once per scoring batch, and each candidate filter re-runs only the suffix, with that channel
-zeroed, several candidates batched in one pass.
+once per scoring batch and is cached (`LayerData`). Three modes then count hits per candidate:
+
+- "fast" (default): the suffix is cut again at the layer's consumers
+  (`MaskedNet.split_at_consumers`). Per image chunk, the consumers run once; for candidate c
+  the removed channel's contribution (a conv/linear on that single input channel) is
+  subtracted from their output, and only the layers after the consumers re-run, `chunk`
+  candidates per batched pass. Where the cut does not allow it (`LayerData.fallback` says
+  why), the plain path runs instead.
+- "plain": the whole suffix re-runs on the prefix output with the channel zeroed.
+- "naive": the reference, `naive_tally`: a full forward per candidate, nothing cached.
+
+Images go in chunks so one batched pass needs about `max_bytes`, whatever the set's size.
+
+Exactness guard (fast mode). The fast logits equal the plain ones up to float rounding (same
+function, another summation order), so a hit can differ only where the target's margin to
+the k-th largest other logit is within that rounding error. Every (candidate, image) whose
+margin is at most rtol x its largest |logit| is recomputed on the plain path and counted from
+there; rtol = sqrt(machine epsilon), raised to 32x the relative error measured on a probe
+image if that is larger. The bound is empirical, not proven. Exact ties (margin 0) always go
+to the plain path, so the reference's tie rule (lowest class index) decides them. The plain
+path, the naive path and physically removed filters compute the same function with
+differently batched kernels; they agree on every image whose margin exceeds rounding.
+
+Hit counts are exact integers; losses (float64 sums) agree across modes to float rounding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 
+from carlib.errors import CarlibError
 from carlib.evaluate import check_metric, eval_mode, hits, losses, topk_of
-from carlib.graph import MaskedNet
+from carlib.graph import ConsumerSplit, MaskedNet
+
+MODES = ("fast", "plain", "naive")
+# Working memory of one batched pass (candidates x images). Small on purpose: on CPU, tensors
+# above glibc's mmap threshold (<= 32 MiB) are fresh mappings, page-faulted on every pass.
+DEFAULT_MAX_BYTES = 64 * 2**20
+_SAFETY = 32  # guard tolerance >= this x the fast path's error observed on a probe
 
 
 class LayerData:
@@ -24,9 +54,13 @@ class LayerData:
     """
 
     def __init__(self, net: MaskedNet, layer: str, data: Iterable, cache: bool = True) -> None:
+        self.net, self.layer = net, layer
         self.prefix, self.suffix = net.split(layer)
         self.data, self.cache = data, cache
         self._batches: list[tuple[tuple, torch.Tensor]] | None = None
+        self._engine: _Engine | None = None
+        self.fallback: str | None = None  # why the fast path is not used, once known
+        self.item_bytes: int | None = None  # peak suffix activation bytes per image, x3
 
     @torch.no_grad()
     def __iter__(self) -> Iterator[tuple[tuple, torch.Tensor]]:
@@ -42,13 +76,32 @@ class LayerData:
         if self.cache:
             self._batches = batches
 
+    def engine(self, h: torch.Tensor) -> _Engine | None:
+        """The fast path's pieces, or None (reason in `fallback`) where they do not apply."""
+        if self._engine is None and self.fallback is None:
+            try:
+                self._engine = _Engine(self.net.split_at_consumers(self.layer), h)
+            except CarlibError as e:
+                self.fallback = str(e)
+        return self._engine
+
+    def pass_shape(self, h: torch.Tensor, extras: Sequence[torch.Tensor], chunk: int,
+                   max_bytes: int) -> tuple[int, int]:
+        """(candidates, images) per batched pass so that one pass needs about max_bytes."""
+        if self.item_bytes is None:
+            self.item_bytes = 3 * _peak_bytes(self.suffix, *[t[:1].clone() for t in (h, *extras)])
+        m = max(1, min(chunk, max_bytes // self.item_bytes))
+        return m, max(1, min(len(h), max_bytes // (m * self.item_bytes)))
+
 
 @dataclass
 class Tally:
     """Totals over n scoring images with each candidate removed, and with none removed.
 
     `correct` counts hits of the metric's top-k (exact integers, so ties are exact);
-    `loss` sums cross-entropy in float64.
+    `loss` sums cross-entropy in float64. With per-class accumulation, `correct_per_class`
+    (candidates x classes) and `base_correct_per_class` count hits by target class.
+    `rechecked` is how many (candidate, image) pairs the fast path's guard recomputed.
     """
 
     candidates: list[int]
@@ -57,6 +110,9 @@ class Tally:
     loss: torch.Tensor
     base_correct: int
     base_loss: float
+    correct_per_class: torch.Tensor | None = None
+    base_correct_per_class: torch.Tensor | None = None
+    rechecked: int = 0
 
     def scores(self, metric: str) -> torch.Tensor:
         """CAR per candidate: metric with the filter minus metric without it (loss: increase)."""
@@ -68,32 +124,253 @@ class Tally:
         return (self.loss - self.base_loss) / self.n
 
 
+class _Counts:
+    """Accumulates a Tally from logits, batch by batch."""
+
+    def __init__(self, candidates: list[int], k: int, per_class: bool) -> None:
+        self.candidates, self.k, self.per_class = list(candidates), k, per_class
+        self.correct = torch.zeros(len(candidates), dtype=torch.long)
+        self.loss = torch.zeros(len(candidates), dtype=torch.float64)
+        self.n, self.base_correct, self.base_loss, self.rechecked = 0, 0, 0.0, 0
+        self.cpc: torch.Tensor | None = None
+        self.base_cpc: torch.Tensor | None = None
+
+    def _by_class(self, hit: torch.Tensor, y: torch.Tensor, classes: int) -> torch.Tensor:
+        """Hits (m, b) summed per target class: (m, classes)."""
+        if self.cpc is None:
+            self.cpc = torch.zeros(len(self.candidates), classes, dtype=torch.long)
+            self.base_cpc = torch.zeros(classes, dtype=torch.long)
+        return torch.zeros(len(hit), classes, dtype=torch.long).index_add_(
+            1, y.cpu(), hit.long().cpu())
+
+    def add_base(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        hit = hits(logits, y, self.k)
+        self.n += len(y)
+        self.base_correct += int(hit.sum())
+        self.base_loss += float(losses(logits, y).sum())
+        if self.per_class:
+            by_class = self._by_class(hit[None], y, logits.shape[-1])[0]
+            self.base_cpc += by_class
+
+    def add(self, start: int, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Logits (m, b, classes) of candidates start..start+m-1 on images with targets y."""
+        hit = hits(logits, y, self.k)
+        sl = slice(start, start + len(logits))
+        self.correct[sl] += hit.sum(1).cpu()
+        self.loss[sl] += losses(logits, y).sum(1).cpu()
+        if self.per_class:
+            by_class = self._by_class(hit, y, logits.shape[-1])
+            self.cpc[sl] += by_class
+
+    def tally(self) -> Tally:
+        return Tally(self.candidates, self.n, self.correct, self.loss, self.base_correct,
+                     self.base_loss, self.cpc, self.base_cpc, self.rechecked)
+
+
+class _Peak(fx.Interpreter):
+    """Runs a GraphModule and records the largest tensor any node produced."""
+
+    peak = 0
+
+    def run_node(self, n: fx.Node) -> object:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.peak = max(self.peak, out.nbytes)
+        return out
+
+
+def _peak_bytes(module: fx.GraphModule, *args: torch.Tensor) -> int:
+    interp = _Peak(module)
+    interp.run(*args)
+    return interp.peak
+
+
+def _zeroed_suffix(suffix: fx.GraphModule, h: torch.Tensor, extras: Sequence[torch.Tensor],
+                   rows: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:
+    """Suffix logits of image rows[i] with channel chans[i] zeroed, for each i."""
+    hz = h[rows]
+    hz[torch.arange(len(rows)), chans] = 0
+    return suffix(hz, *[e[rows] for e in extras])
+
+
+def _conv_ablated(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, cs: torch.Tensor
+                  ) -> torch.Tensor:
+    """y - conv(x restricted to input channel c) for each c in cs: (m * batch, *y.shape[1:])."""
+    m, b, out = len(cs), len(x), conv.out_channels
+    kh, kw = conv.kernel_size
+    if isinstance(conv.padding, str):  # "valid" or "same" (stride 1): padding may be uneven
+        total = [0, 0] if conv.padding == "valid" else [
+            d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        xs = F.pad(x[:, cs], (total[1] // 2, total[1] - total[1] // 2,
+                              total[0] // 2, total[0] - total[0] // 2))
+        pad: tuple[int, ...] | int = 0
+    else:
+        xs, pad = x[:, cs], conv.padding
+    cols = F.unfold(xs, (kh, kw), conv.dilation, pad, conv.stride)  # (b, m*kh*kw, L)
+    cols = cols.view(b, m, kh * kw, -1).transpose(0, 1).reshape(m * b, kh * kw, -1)
+    w = conv.weight[:, cs].transpose(0, 1).reshape(m, 1, out, kh * kw)
+    w = w.expand(m, b, out, kh * kw).reshape(m * b, out, kh * kw)
+    res = y.view(1, b, out, -1).repeat(m, 1, 1, 1).view(m * b, out, -1)
+    return res.baddbmm_(w, cols, alpha=-1).view(m * b, *y.shape[1:])
+
+
+def _linear_ablated(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, cs: torch.Tensor,
+                    channels: int) -> torch.Tensor:
+    """y - (feature block c of x) @ (its weight columns).T for each c in cs: (m * batch, out)."""
+    m, b = len(cs), len(x)
+    xs = x.view(b, channels, -1)[:, cs].transpose(0, 1)  # (m, b, S)
+    w = lin.weight.view(lin.out_features, channels, -1)[:, cs].permute(1, 2, 0)  # (m, S, out)
+    return y.unsqueeze(0).repeat(m, 1, 1).baddbmm_(xs, w, alpha=-1).view(m * b, -1)
+
+
+class _Engine:
+    """The fast path for one cut: between -> consumers (once) -> subtract per candidate -> rest."""
+
+    def __init__(self, split: ConsumerSplit, h: torch.Tensor) -> None:
+        self.split, self.channels = split, h.shape[1]
+        self.err: float | None = None  # fast path's relative error on a probe
+        for f, x in zip(split.consumers, split.between(h[:1]), strict=True):
+            if not (isinstance(f, nn.Conv2d) and x.dim() == 4 and x.shape[1] == self.channels
+                    or isinstance(f, nn.Linear) and x.dim() == 2
+                    and x.shape[1] % self.channels == 0):
+                raise CarlibError(f"a consumer's input has shape {tuple(x.shape)}, which does "
+                                  f"not map channel c of {self.channels} to a block")
+
+    def base(self, h: torch.Tensor, extras: Sequence[torch.Tensor]
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """(consumer inputs, consumer outputs, logits) of the network as masked."""
+        xs = list(self.split.between(h))
+        ys = [f(x) for f, x in zip(self.split.consumers, xs, strict=True)]
+        fresh = [t.clone() for t in [*ys, *extras]]  # the rest may work in place
+        return xs, ys, self.split.rest(*fresh)
+
+    def ablated(self, xs: list[torch.Tensor], ys: list[torch.Tensor],
+                extras: Sequence[torch.Tensor], cs: torch.Tensor) -> torch.Tensor:
+        """Logits (m, b, classes) with each channel in cs removed, by consumer subtraction."""
+        m, b = len(cs), len(xs[0])
+        outs = [_conv_ablated(f, x, y, cs) if isinstance(f, nn.Conv2d)
+                else _linear_ablated(f, x, y, cs, self.channels)
+                for f, x, y in zip(self.split.consumers, xs, ys, strict=True)]
+        reps = [e.repeat(m, *[1] * (e.dim() - 1)) for e in extras]
+        return self.split.rest(*outs, *reps).view(m, b, -1)
+
+    def tolerance(self, out: torch.Tensor, probe: Callable[[], torch.Tensor],
+                  rtol: float | None) -> float:
+        """The guard's tolerance: `rtol` if given, else max(default_rtol, _SAFETY x the
+        relative error of the fast logits `out[:, 0]` against `probe()` (measured once)."""
+        if rtol is not None:
+            return rtol
+        if self.err is None:
+            ref = probe()
+            self.err = float(((out[:, 0] - ref).abs().amax(-1)
+                              / ref.abs().amax(-1).clamp_min(1e-30)).max())
+        return max(default_rtol(out.dtype), _SAFETY * self.err)
+
+
+def _unsure(logits: torch.Tensor, y: torch.Tensor, k: int, rtol: float) -> torch.Tensor:
+    """Rows whose "target in top-k" decision is within rtol x max |logit| of flipping."""
+    if logits.shape[-1] <= k:  # every class is in the top k
+        return torch.zeros(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    target = logits.gather(-1, y.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    others = logits.scatter(-1, y.expand(logits.shape[:-1]).unsqueeze(-1), float("-inf"))
+    kth = others.topk(k, -1).values[..., -1]
+    margin = (target - kth).abs()
+    return ~(margin > rtol * logits.abs().amax(-1))  # NaN margins count as unsure
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Guard tolerance relative to the largest |logit|: sqrt(machine epsilon) of the dtype."""
+    return torch.finfo(dtype).eps ** 0.5
+
+
+def _tally_images(cut: LayerData, engine: _Engine | None, h: torch.Tensor,
+                  extras: Sequence[torch.Tensor], y: torch.Tensor, candidates: list[int],
+                  m: int, counts: _Counts, rtol: float | None) -> None:
+    """Add one image chunk's base and per-candidate results to `counts`, m candidates a pass."""
+    b = len(y)
+    if engine is None:
+        counts.add_base(cut.suffix(h, *extras), y)
+    else:
+        xs, ys, base = engine.base(h, extras)
+        counts.add_base(base, y)
+    for s in range(0, len(candidates), m):
+        cs = torch.as_tensor(candidates[s:s + m], device=h.device)
+        if engine is None:
+            rows = torch.arange(b, device=h.device).repeat(len(cs))
+            out = _zeroed_suffix(cut.suffix, h, extras, rows, cs.repeat_interleave(b))
+            counts.add(s, out.view(len(cs), b, -1), y)
+            continue
+        out = engine.ablated(xs, ys, extras, cs)
+        tol = engine.tolerance(out, lambda cs=cs: _zeroed_suffix(
+            cut.suffix, h, extras, torch.zeros_like(cs), cs), rtol)
+        j, i = torch.nonzero(_unsure(out, y, counts.k, tol), as_tuple=True)
+        if len(j):
+            out[j, i] = _zeroed_suffix(cut.suffix, h, extras, i, cs[j])
+            counts.rechecked += len(j)
+        counts.add(s, out, y)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise CarlibError(f"unknown scoring mode '{mode}'; valid: {', '.join(MODES)}")
+
+
 @torch.no_grad()
-def tally(cut: LayerData, candidates: list[int], metric: str = "top1",
-          chunk: int = 8) -> Tally:
-    """Count hits and loss with each candidate channel of the cut zeroed, `chunk` at a time."""
+def tally(cut: LayerData, candidates: list[int], metric: str = "top1", chunk: int = 8, *,
+          mode: str = "fast", per_class: bool = False, max_bytes: int = DEFAULT_MAX_BYTES,
+          rtol: float | None = None) -> Tally:
+    """Count hits and loss with each candidate channel of the cut zeroed, `chunk` at a time.
+
+    Images are processed in chunks so that one pass of `chunk` candidates needs about
+    `max_bytes`. `mode`: see the module docstring. `rtol` (fast mode) sets the guard's
+    tolerance relative to max |logit|; None: `default_rtol(dtype)`, raised if needed to
+    _SAFETY x the fast path's error measured on a probe of one image; 0: recheck exact ties
+    only. `per_class` also counts hits by target class.
+    """
     check_metric(metric)
-    k = topk_of(metric)
-    nc = len(candidates)
-    correct = torch.zeros(nc, dtype=torch.long)
-    loss = torch.zeros(nc, dtype=torch.float64)
-    n, base_correct, base_loss = 0, 0, 0.0
-    for (h, *rest), y in cut:
-        b = len(y)
-        n += b
-        base = cut.suffix(h, *rest)
-        base_correct += int(hits(base, y, k).sum())
-        base_loss += float(losses(base, y).sum())
-        for s in range(0, nc, chunk):
-            cs = torch.as_tensor(candidates[s:s + chunk])
-            m = len(cs)
-            hb = h.unsqueeze(0).repeat(m, *[1] * h.dim())
-            hb[torch.arange(m), :, cs] = 0
-            rb = [r.repeat(m, *[1] * (r.dim() - 1)) for r in rest]
-            out = cut.suffix(hb.flatten(0, 1), *rb).view(m, b, -1)
-            correct[s:s + m] += hits(out, y, k).sum(1)
-            loss[s:s + m] += losses(out, y).sum(1)
-    return Tally(list(candidates), n, correct, loss, base_correct, base_loss)
+    _check_mode(mode)
+    if mode == "naive":
+        return naive_tally(cut.net, cut.layer, cut.data, candidates, metric, per_class=per_class)
+    counts = _Counts(candidates, topk_of(metric), per_class)
+    for (h, *extras), y in cut:
+        engine = cut.engine(h) if mode == "fast" else None
+        m, b = cut.pass_shape(h, extras, chunk, max_bytes)
+        for i in range(0, len(y), b):
+            _tally_images(cut, engine, h[i:i + b], [e[i:i + b] for e in extras], y[i:i + b],
+                          list(candidates), m, counts, rtol)
+    return counts.tally()
+
+
+@torch.no_grad()
+def naive_tally(net: MaskedNet, layer: str, data: Iterable, candidates: list[int],
+                metric: str = "top1", *, per_class: bool = False) -> Tally:
+    """Reference tally: one full forward of `net` per candidate and batch, nothing cached.
+
+    The candidate is removed by a forward hook that zeroes its channel at the output of the
+    layer's mask-point module (its BatchNorm, else the conv).
+    """
+    check_metric(metric)
+    counts = _Counts(candidates, topk_of(metric), per_class)
+    zero: list[int] = []
+
+    def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if not zero:
+            return None
+        out = out.clone()
+        out[:, zero[0]] = 0
+        return out
+
+    handle = net.mask_module(layer).register_forward_hook(hook)
+    try:
+        for x, y in data:
+            counts.add_base(net(x), y)
+            for j, c in enumerate(candidates):
+                zero[:] = [c]
+                counts.add(j, net(x).unsqueeze(0), y)
+                zero.clear()
+    finally:
+        handle.remove()
+    return counts.tally()
 
 
 @torch.no_grad()

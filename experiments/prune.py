@@ -1,52 +1,113 @@
-"""Main job: greedy filter pruning of each configured layer with each criterion.
+"""Main job: greedy filter pruning of the configured layers with each criterion.
 
-Every (layer, criterion) run starts from the full trained network. Writes to the run folder:
-curves.csv (one row per step), curves.png (held-out top-1 vs filters remaining) and
-scoring_indices.txt (the scoring subset of the training split); logs the same to W&B.
+`method.schedule=layerwise` (default): every (layer, criterion) run starts from the full
+trained network and prunes that layer alone. `method.schedule=global` (conf/method/global.yaml):
+one run per criterion ranks the filters of all listed layers together. Writes to the run folder:
+curves.csv (one row per removed filter), curves.png (held-out top-1 vs filters remaining),
+scoring_indices.txt (the scoring subset of the training split), rank_agreement.csv/.png (CAR vs
+every criterion on each full layer, `method.rank_agreement`) and state/ (progress after every
+step, `method.resume`: run again with the same `hydra.run.dir=...` to continue); logs to W&B.
 
     python experiments/prune.py                       # default: small AlexNet, generated shapes
     python experiments/prune.py method.criteria=[car] method.layers=[conv2]
+    python experiments/prune.py method=global experiment=all_criteria
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import hydra
 import pandas as pd
 from common import get_model, guard, load_data, output_dir, scoring_and_heldout, start_wandb
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from carlib import MaskedNet, greedy_prune
+from carlib import MaskedNet
+from carlib.agreement import layer_scores, rank_agreement, scores_from_traces
+from carlib.checkpointing import RunState, fingerprint
+from carlib.criteria import CRITERIA
+from carlib.data import load_indices
 from carlib.errors import CarlibError
-from carlib.plotting import plot_curves
+from carlib.greedy import Trace, global_prune, greedy_prune
+from carlib.plotting import plot_curves, plot_rank_agreement
 from carlib.results import save_figure, write_csv
+
+SCHEDULES = ("layerwise", "global")
 
 
 def plan(cfg: DictConfig, model: nn.Module) -> list[tuple[str, int]]:
-    """(layer, n_keep) per configured layer; fails on unknown layers or counts out of range."""
+    """(layer, n_keep) per configured layer; fails on unknown layers or counts out of range.
+
+    n_keep applies to the layer-wise schedule only (global: `method.n_remove`/`keep_fraction`).
+    """
+    m = cfg.method
+    if m.schedule not in SCHEDULES:
+        raise CarlibError(f"method.schedule='{m.schedule}' is not one of {', '.join(SCHEDULES)}")
     net = MaskedNet(model)
     out = []
-    for layer in cfg.method.layers:
+    for layer in m.layers:
         n = net.unit(layer).num_filters
-        keep = cfg.method.n_keep if cfg.method.n_keep is not None else round(
-            cfg.method.keep_fraction * n)
-        if not 1 <= keep <= n:
+        keep = m.n_keep if m.n_keep is not None else round(m.keep_fraction * n)
+        if m.schedule == "layerwise" and not 1 <= keep <= n:
             raise CarlibError(f"{layer} would keep {keep} of {n} filters; set method.n_keep in "
                               f"1..{n} or method.keep_fraction in (0, 1]")
         out.append((layer, keep))
     return out
 
 
-def log_run(run, df: pd.DataFrame) -> None:
+def jobs(cfg: DictConfig, model: nn.Module, scoring: object
+         ) -> list[tuple[str, Callable[..., Trace]]]:
+    """(label, run) per greedy run of the configured schedule."""
+    m = cfg.method
+    if m.schedule == "global":
+        layers = list(m.layers)
+        return [(f"{'+'.join(layers)} {c}", functools.partial(
+            global_prune, model, layers, scoring, m.n_remove, c, keep_fraction=m.keep_fraction,
+            min_per_layer=m.min_per_layer)) for c in m.criteria]
+    return [(f"{layer} {c}", functools.partial(greedy_prune, model, layer, scoring, n_keep, c))
+            for layer, n_keep in plan(cfg, model) for c in m.criteria]
+
+
+def run_state(cfg: DictConfig, model: nn.Module, out: Path) -> RunState | None:
+    """Where greedy runs save their progress (`method.state_dir`, default <run dir>/state)."""
+    if not cfg.method.resume:
+        return None
+    where = Path(cfg.method.state_dir) if cfg.method.state_dir else out / "state"
+    return RunState(where, model=fingerprint(model),
+                    scoring=load_indices(out / "scoring_indices.txt").tolist(),
+                    data=OmegaConf.to_container(cfg.data, resolve=True))
+
+
+def log_run(run, df: pd.DataFrame, key: str) -> None:
     if run is None:
         return
-    key = f"{df['layer'].iat[0]}/{df['criterion'].iat[0]}"
     run.define_metric(f"{key}/*", step_metric=f"{key}/filters_remaining")
     for r in df.itertuples():
         run.log({f"{key}/filters_remaining": r.filters_remaining,
                  f"{key}/heldout_top1": r.heldout_top1, f"{key}/scoring_acc": r.scoring_acc})
+
+
+def agreement(cfg: DictConfig, model: nn.Module, scoring: object, traces: list[Trace],
+              out: Path) -> pd.DataFrame:
+    """rank_agreement.csv/.png: CAR vs every criterion on each full layer.
+
+    Scores from the greedy traces' first scoring are reused; the rest cost one scoring round
+    per criterion and layer.
+    """
+    known = scores_from_traces(traces)
+    scores = {layer: layer_scores(model, layer, scoring, CRITERIA, metric=cfg.method.metric,
+                                  seed=cfg.seed, known=known.get(layer))
+              for layer in cfg.method.layers}
+    df = rank_agreement(scores)
+    write_csv(df, out / "rank_agreement.csv")
+    fig = plot_rank_agreement(df, title=f"{cfg.model.name} on {cfg.data.name}: rank agreement "
+                                        "with CAR (full layers)")
+    save_figure(fig, out / "rank_agreement.png")
+    return df
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="prune")
@@ -56,32 +117,45 @@ def main(cfg: DictConfig) -> None:
     bundle = load_data(cfg)
     model = get_model(cfg, bundle, check=lambda m: plan(cfg, m))
     scoring, heldout = scoring_and_heldout(cfg, bundle, out)
+    state = run_state(cfg, model, out)
     run = start_wandb(cfg, out, "prune")
-    frames = []
-    for layer, n_keep in plan(cfg, model):
-        for criterion in cfg.method.criteria:
-            start = time.perf_counter()
-            trace = greedy_prune(model, layer, scoring, n_keep, criterion,
-                                 metric=cfg.method.metric, eval_data=heldout, seed=cfg.seed,
-                                 progress=cfg.progress)
-            df = trace.to_frame()
-            df.insert(0, "model", cfg.model.name)
-            df.insert(1, "dataset", cfg.data.name)
-            frames.append(df)
-            write_csv(pd.concat(frames, ignore_index=True), out / "curves.csv")
-            log_run(run, df)
-            last = df.iloc[-1]
-            print(f"{layer:>8} {criterion:>7}: {last.filters_remaining:>3} filters left, "
-                  f"held-out top-1 {df.heldout_top1.iat[0]:.4f} -> {last.heldout_top1:.4f} "
-                  f"({time.perf_counter() - start:.1f} s)")
+    frames, traces = [], []
+    for label, job in jobs(cfg, model, scoring):
+        start = time.perf_counter()
+        trace = job(metric=cfg.method.metric, eval_data=heldout, seed=cfg.seed, k=cfg.method.k,
+                    interval=cfg.method.interval, progress=cfg.progress, state=state)
+        traces.append(trace)
+        df = trace.to_frame()
+        df.insert(0, "model", cfg.model.name)
+        df.insert(1, "dataset", cfg.data.name)
+        frames.append(df)
+        write_csv(pd.concat(frames, ignore_index=True), out / "curves.csv")
+        log_run(run, df, label.replace(" ", "/"))
+        last = df.iloc[-1]
+        resumed = f", resumed at step {trace.resumed_at}" if trace.resumed_at else ""
+        print(f"{label:>16}: {last.filters_remaining:>3} filters left, held-out top-1 "
+              f"{df.heldout_top1.iat[0]:.4f} -> {last.heldout_top1:.4f} "
+              f"({time.perf_counter() - start:.1f} s{resumed})", flush=True)
     curves = pd.concat(frames, ignore_index=True)
-    fig = plot_curves(curves, title=f"{cfg.model.name} on {cfg.data.name}: greedy pruning, "
-                                    "each layer alone")
+    if cfg.method.schedule == "global":
+        fig = plot_curves(curves.assign(layer=traces[0].layer),
+                          title=f"{cfg.model.name} on {cfg.data.name}: network-wide greedy "
+                                "pruning")
+    else:
+        fig = plot_curves(curves, title=f"{cfg.model.name} on {cfg.data.name}: greedy pruning, "
+                                        "each layer alone")
     save_figure(fig, out / "curves.png")
+    ranks = agreement(cfg, model, scoring, traces, out) if cfg.method.rank_agreement else None
     if run is not None:
         import wandb
 
-        run.log({"curves": wandb.Image(fig), "curves_table": wandb.Table(dataframe=curves)})
+        def table(df: pd.DataFrame) -> wandb.Table:  # W&B types cells by value: NA -> None
+            return wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
+
+        logged = {"curves": wandb.Image(fig), "curves_table": table(curves)}
+        if ranks is not None:
+            logged["rank_agreement_table"] = table(ranks)
+        run.log(logged)
         run.finish()
     print(f"results in {out}")
 

@@ -1,0 +1,76 @@
+"""Resumable runs: a greedy run's state saved after every step, atomically, under a key.
+
+A state file holds one run's trace so far (filters removed, one row per step). Its name is a
+hash of everything that determines the run: a `RunState` is made with the run's context (e.g.
+the model's weights fingerprint, the scoring indices, the data config) and each run adds its
+own parts (layer, criterion, metric, seed, target, ...). Files are replaced atomically
+(temporary file, fsync, rename), so a run killed at any moment leaves either the previous
+state or the new one, never a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+VERSION = 1
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's state dict (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def digest(obj: object) -> str:
+    """SHA-256 of `obj` as canonical JSON (sorted keys; non-JSON values by str)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` via a temporary file, fsync and rename (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+class RunState:
+    """State files under `directory`, one per key = hash(context, parts)."""
+
+    def __init__(self, directory: str | Path, **context: object) -> None:
+        self.directory = Path(directory)
+        self.context = context
+
+    def key(self, **parts: object) -> str:
+        return digest({"version": VERSION, "context": self.context, "parts": parts})
+
+    def path(self, **parts: object) -> Path:
+        return self.directory / f"{self.key(**parts)[:20]}.json"
+
+    def load(self, **parts: object) -> dict | None:
+        """The state saved under these parts, or None if there is none (or another key's)."""
+        path = self.path(**parts)
+        if not path.is_file():
+            return None
+        payload = json.loads(path.read_text())
+        return payload["state"] if payload.get("key") == self.key(**parts) else None
+
+    def save(self, state: dict, **parts: object) -> Path:
+        """Replace the state saved under these parts (atomically)."""
+        payload = {"key": self.key(**parts), "parts": parts, "state": state}
+        return atomic_write_text(self.path(**parts), json.dumps(payload, default=str))

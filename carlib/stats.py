@@ -1,0 +1,66 @@
+"""Uncertainty of CAR values: 95% intervals from the paired outcomes over the scoring images.
+
+Removing a filter is a paired comparison: each scoring image i is classified with and without
+the filter, and its outcome changes by d_i = +1 (right -> wrong), -1 (wrong -> right) or 0.
+With n10 images lost (right -> wrong), n01 gained (wrong -> right) and n images in all,
+CAR = mean(d_i) = (n10 - n01) / n.
+
+- `exact` (default): conditional on the m = n10 + n01 discordant images, n10 ~ Binomial(m, p)
+  (McNemar's exact setting). The Clopper-Pearson interval [p_lo, p_hi] for p maps to
+  CAR in [m (2 p_lo - 1) / n, m (2 p_hi - 1) / n]. It is exact (conservative) for p given m;
+  the spread of m itself is not included. With m = 0 the interval is [0, 0].
+- `bootstrap`: a seeded percentile bootstrap over images: resampling n images with
+  replacement is drawing (n10*, n01*, n00*) ~ Multinomial(n, (n10, n01, n00) / n); the interval
+  is the level's central quantiles of (n10* - n01*) / n.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from carlib.errors import CarlibError
+
+METHODS = ("exact", "bootstrap")
+
+
+def clopper_pearson(x: np.ndarray, m: np.ndarray, level: float = 0.95
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact two-sided binomial interval for p from x successes in m trials ((0, 1) if m = 0)."""
+    from scipy import stats  # slow to import; only needed here
+
+    x, m = np.asarray(x, dtype=float), np.asarray(m, dtype=float)
+    a = (1 - level) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lo = np.where(x > 0, stats.beta.ppf(a, x, m - x + 1), 0.0)
+        hi = np.where(x < m, stats.beta.ppf(1 - a, x + 1, m - x), 1.0)
+    return np.nan_to_num(lo, nan=0.0), np.nan_to_num(hi, nan=1.0)
+
+
+def _counts(n10: object, n01: object, n: int) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(n10, dtype=np.int64)
+    b = np.asarray(n01, dtype=np.int64)
+    if (a < 0).any() or (b < 0).any() or (a + b > n).any():
+        raise CarlibError(f"flip counts must satisfy 0 <= n10 + n01 <= n = {n}")
+    return a, b
+
+
+def car_interval(n10: object, n01: object, n: int, *, level: float = 0.95,
+                 method: str = "exact", n_boot: int = 10_000, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) interval of CAR = (n10 - n01) / n per candidate (arrays; see module doc).
+
+    `n10`/`n01`: images that go right -> wrong / wrong -> right when the filter is removed
+    (scalars or arrays, one entry per candidate).
+    """
+    a, b = _counts(n10, n01, n)
+    if method == "exact":
+        m = a + b
+        p_lo, p_hi = clopper_pearson(a, m, level)
+        return m * (2 * p_lo - 1) / n, m * (2 * p_hi - 1) / n
+    if method == "bootstrap":
+        p = np.stack(np.broadcast_arrays(a, b, n - a - b), -1) / n
+        draws = np.random.default_rng(seed).multinomial(n, p, size=(n_boot, *a.shape))
+        car = (draws[..., 0] - draws[..., 1]) / n
+        q = (1 - level) / 2
+        return np.quantile(car, q, axis=0), np.quantile(car, 1 - q, axis=0)
+    raise CarlibError(f"unknown interval method '{method}'; valid: {', '.join(METHODS)}")

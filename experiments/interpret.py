@@ -1,0 +1,160 @@
+"""Interpretability of pruned filters: color vs shape, galleries, class importance, diversity.
+
+For each configured layer and criterion (greedy traces reused from `interpret.source` when given,
+else pruned here until at least top_k filters are removed), writes to the run folder:
+filters.csv (per filter: color indices and label), color_counts.csv (color-selective among the
+top-K pruned, against base rate and random, exact permutation p-value), class_importance.csv
+(most / least important classes per filter, from per-class CAR of the full network),
+diversity.csv (coverage and clusters covered by the kept filters at each step), and figures.
+
+    python experiments/interpret.py                          # default model and data
+    python experiments/interpret.py data.color_label=true    # control: color is in the label
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pandas as pd
+import torch
+from common import get_model, guard, load_data, output_dir, scoring_and_heldout, start_wandb
+from omegaconf import DictConfig
+
+from carlib import MaskedNet, car_scores, greedy_prune
+from carlib.classes import class_importance, plot_class_importance
+from carlib.color import (
+    channel_responses,
+    color_count,
+    plot_color_counts,
+    response_color_index,
+    weight_color_index,
+)
+from carlib.diversity import cluster_labels, clusters_covered, coverage
+from carlib.errors import CarlibError
+from carlib.gallery import filter_gallery, top_images_gallery
+from carlib.plotting import plot_curves
+from carlib.results import save_figure, write_csv
+
+
+def removal_orders(cfg: DictConfig, model, scoring, heldout, layers: dict[str, int]
+                   ) -> pd.DataFrame:
+    """Greedy traces (tidy frame) with at least top_k removals per layer and criterion."""
+    src = cfg.interpret.source
+    if src:
+        path = Path(src) / "curves.csv"
+        if not path.is_file():
+            raise CarlibError(f"no curves.csv in interpret.source={src}; point it at a run "
+                              "folder of experiments/prune.py or set it to null")
+        df = pd.read_csv(path)
+        for layer, n in layers.items():
+            need = min(cfg.interpret.top_k, n - 1)
+            for crit in cfg.method.criteria:
+                got = df[(df.layer == layer) & (df.criterion == crit)].removed_filter.count()
+                if got < need:
+                    raise CarlibError(f"{path} has {got} removals for {layer}/{crit}, need "
+                                      f"{need}; prune further or set interpret.source=null")
+        return df
+    frames = []
+    for layer, n in layers.items():
+        n_keep = max(1, n - cfg.interpret.top_k)
+        for crit in cfg.method.criteria:
+            frames.append(greedy_prune(model, layer, scoring, n_keep, crit,
+                                       metric=cfg.method.metric, eval_data=heldout,
+                                       seed=cfg.seed, progress=cfg.progress).to_frame())
+    return pd.concat(frames, ignore_index=True)
+
+
+def display_images(scoring, mean, std) -> torch.Tensor:
+    """The scoring images un-normalized to [0, 1] for display (RGB; gray repeated)."""
+    x = torch.cat([b for b, _ in scoring])
+    x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="interpret")
+@guard
+def main(cfg: DictConfig) -> None:
+    out, ic = output_dir(), cfg.interpret
+    bundle = load_data(cfg)
+    model = get_model(cfg, bundle, check=lambda m: [MaskedNet(m).unit(n)
+                                                     for n in cfg.method.layers])
+    net = MaskedNet(model.eval())
+    layers = {n: net.unit(n).num_filters for n in cfg.method.layers}
+    scoring, heldout = scoring_and_heldout(cfg, bundle, out)
+    run = start_wandb(cfg, out, "interpret")
+    traces = removal_orders(cfg, model, scoring, heldout, layers)
+    tag = f"{cfg.model.name} on {cfg.data.name}" + (" (label: shape+color)"
+                                                    if cfg.data.color_label else "")
+    filters, counts, classes, diversity = [], [], [], []
+    for layer, n in layers.items():
+        conv = model.get_submodule(layer)
+        resp = response_color_index(net, layer, scoring, bundle.mean, bundle.std,
+                                     ic.color.top_images)
+        rgb_input = conv.in_channels == 3 and conv is next(
+            m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        wgt = weight_color_index(conv.weight, bundle.std) if rgb_input else None
+        use_weight = ic.color.index == "weight" or (ic.color.index == "auto" and rgb_input)
+        if ic.color.index == "weight" and not rgb_input:
+            raise CarlibError(f"interpret.color.index=weight needs an RGB-input layer; {layer} "
+                              "is not: use auto or response")
+        index, thr = (wgt, ic.color.weight_threshold) if use_weight else (
+            resp, ic.color.response_threshold)
+        selective = index >= thr
+        labels = ["C" if s else "S" for s in selective.tolist()]
+        filters.append(pd.DataFrame({
+            "layer": layer, "filter": range(n), "response_index": resp.tolist(),
+            "weight_index": wgt.tolist() if wgt is not None else float("nan"),
+            "index_used": "weight" if use_weight else "response", "threshold": thr,
+            "color_selective": selective.tolist()}))
+        km = cluster_labels(conv.weight, min(ic.diversity_clusters, n), cfg.seed)
+        for crit in cfg.method.criteria:
+            t = traces[(traces.layer == layer) & (traces.criterion == crit)]
+            removed = [int(r) for r in t.removed_filter.dropna()]
+            counts.append({"layer": layer, "criterion": crit, "index": filters[-1].index_used[0],
+                           "threshold": thr, **color_count(removed, selective, ic.top_k)})
+            for step in range(len(removed) + 1):
+                kept = sorted(set(range(n)) - set(removed[:step]))
+                diversity.append({"layer": layer, "criterion": crit, "step": step,
+                                  "filters_remaining": len(kept),
+                                  "coverage": coverage(conv.weight, kept),
+                                  "clusters_covered": clusters_covered(km, kept)})
+            order = removed + sorted(set(range(n)) - set(removed))
+            if crit == "car":
+                title = f"{tag}: {layer}, CAR order"
+                if rgb_input:
+                    fig = filter_gallery(conv.weight, order, len(removed), labels, title)
+                else:
+                    rows = ic.gallery_rows
+                    shown = order[:rows - rows // 3] + order[-(rows // 3):]
+                    fig = top_images_gallery(display_images(scoring, bundle.mean, bundle.std),
+                                             channel_responses(net, layer, scoring), shown,
+                                             min(len(removed), rows - rows // 3), labels,
+                                             title=title)
+                save_figure(fig, out / f"gallery_{layer}.png")
+        per_class = car_scores(model, layer, scoring, cfg.method.metric, per_class=True)
+        classes.append(class_importance(per_class, bundle.classes, layer, ic.class_top))
+        save_figure(plot_class_importance(per_class, bundle.classes, f"{tag}: {layer}"),
+                    out / f"class_importance_{layer}.png")
+    write_csv(pd.concat(filters, ignore_index=True), out / "filters.csv")
+    counts = pd.DataFrame(counts)
+    write_csv(counts, out / "color_counts.csv")
+    write_csv(pd.concat(classes, ignore_index=True), out / "class_importance.csv")
+    diversity = pd.DataFrame(diversity)
+    write_csv(diversity, out / "diversity.csv")
+    save_figure(plot_color_counts(counts, title=tag), out / "color_counts.png")
+    save_figure(plot_curves(diversity, y="clusters_covered",
+                            title=f"{tag}: share of filter clusters kept"), out / "diversity.png")
+    print(counts[["layer", "criterion", "top_k", "color_selective", "expected_random",
+                  "p_value"]].to_string(index=False))
+    if run is not None:
+        import wandb
+
+        run.log({"color_counts": wandb.Table(dataframe=counts),
+                 "diversity": wandb.Table(dataframe=diversity)})
+        run.finish()
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()
