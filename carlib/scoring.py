@@ -387,13 +387,17 @@ def measure(cut: LayerData, metric: str = "top1") -> tuple[float, float]:
 
 
 def car_scores(model: nn.Module, layer: str, data: Iterable, metric: str = "top1", *,
-               removed: dict[str, list[int]] | None = None) -> torch.Tensor:
+               removed: dict[str, list[int]] | None = None,
+               per_class: bool = False) -> torch.Tensor:
     """CAR importance of every filter of conv `layer` on `data` ((inputs, targets) batches).
 
     Value = accuracy (a fraction; top-1 or top-5 per `metric`) of the network minus its
     accuracy with that filter removed, given the filters in `removed` ({layer: [indices]})
     already removed; with metric="loss", the mean cross-entropy increase. Filters already
     removed get NaN. The model is left as it was found.
+
+    `per_class=True` returns a (filters, classes) matrix instead: per class, the accuracy on
+    that class's scoring images minus it with the filter removed (NaN for absent classes).
     """
     check_metric(metric)
     with eval_mode(model):
@@ -401,7 +405,17 @@ def car_scores(model: nn.Module, layer: str, data: Iterable, metric: str = "top1
         for name, idx in (removed or {}).items():
             net.remove(name, idx)
         kept = net.kept(layer)
-        t = tally(LayerData(net, layer, data, cache=False), kept, metric)
-    out = torch.full((net.unit(layer).num_filters,), float("nan"), dtype=torch.float64)
+        t = tally(LayerData(net, layer, data, cache=False), kept, metric, per_class=per_class)
+    n_filters = net.unit(layer).num_filters
+    if per_class:
+        if metric == "loss":
+            raise CarlibError("per_class CAR needs an accuracy metric (top1 or top5), not loss")
+        k = t.base_correct_per_class.numel()
+        n_k = torch.bincount(torch.cat([y.flatten() for _, y in data]), minlength=k)[:k].double()
+        drops = (t.base_correct_per_class - t.correct_per_class).double() / n_k
+        out = torch.full((n_filters, k), float("nan"), dtype=torch.float64)
+        out[kept] = torch.where(n_k > 0, drops, torch.full_like(drops, float("nan")))
+        return out
+    out = torch.full((n_filters,), float("nan"), dtype=torch.float64)
     out[kept] = t.scores(metric)
     return out

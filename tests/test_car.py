@@ -110,3 +110,21 @@ def test_unknown_layer_lists_valid_ones():
         car_scores(model, "conv9", data)
     with pytest.raises(CarlibError, match="unknown metric"):
         car_scores(model, "conv1", data, metric="top3")
+
+
+def test_per_class_car_equals_physical_removal_by_class():
+    model, data, example = _case("alexnet_small", bn=True, classes=4)
+    got = car_scores(model, "conv2", data, per_class=True)
+    x = torch.cat([b for b, _ in data])
+    y = torch.cat([t for _, t in data])
+    base = model(x).argmax(1) == y
+    for c in range(got.shape[0]):
+        pruned = physically_pruned(model, {"conv2": [c]}, example)
+        hit = pruned(x).argmax(1) == y
+        for k in range(4):
+            sel = y == k
+            want = (base[sel].sum() - hit[sel].sum()).double() / sel.sum()
+            assert got[c, k].item() == want.item()
+    # the per-class drops weighted by class share give the overall CAR
+    share = torch.bincount(y, minlength=4).double() / len(y)
+    assert torch.allclose(got @ share, car_scores(model, "conv2", data))
