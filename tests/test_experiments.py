@@ -73,3 +73,21 @@ def test_bad_input_one_line(tmp_path, overrides, message):
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
     assert message in lines[0]
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_interpret_end_to_end(tmp_path):
+    args = [sys.executable, str(ROOT / "experiments" / "interpret.py"),
+            f"paths.cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/run",
+            "logger.mode=disabled", "interpret.top_k=3", *TINY]
+    res = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path / "run"
+    counts = pd.read_csv(out / "color_counts.csv")
+    assert len(counts) == 2 * 3 and counts["top_k"].eq(3).all()
+    filters = pd.read_csv(out / "filters.csv")
+    assert len(filters) == 16 and set(filters.index_used) == {"weight", "response"}
+    classes = pd.read_csv(out / "class_importance.csv")
+    assert len(classes) == 16 and classes["most_important"].notna().all()
+    for name in ("color_counts", "diversity", "gallery_conv1", "gallery_conv2",
+                 "class_importance_conv1"):
+        assert (out / f"{name}.png").stat().st_size > 5_000
