@@ -1,8 +1,11 @@
 """carlib: CAR (Classification Accuracy Reduction) greedy filter pruning of CNNs."""
 
+__version__ = "0.2.0"  # part of resume-state keys: bump when scores or traces change
+
 from carlib.errors import CarlibError
 from carlib.graph import MaskedNet, prunable_layers
-from carlib.greedy import Trace, greedy_prune
+from carlib.greedy import Trace, global_prune, greedy_prune
 from carlib.scoring import car_scores
 
-__all__ = ["CarlibError", "MaskedNet", "Trace", "car_scores", "greedy_prune", "prunable_layers"]
+__all__ = ["CarlibError", "MaskedNet", "Trace", "car_scores", "global_prune", "greedy_prune",
+           "prunable_layers"]

@@ -3,9 +3,10 @@
 A state file holds one run's trace so far (filters removed, one row per step). Its name is a
 hash of everything that determines the run: a `RunState` is made with the run's context (e.g.
 the model's weights fingerprint, the scoring indices, the data config) and each run adds its
-own parts (layer, criterion, metric, seed, target, ...). Files are replaced atomically
-(temporary file, fsync, rename), so a run killed at any moment leaves either the previous
-state or the new one, never a partial file.
+own parts (layer, criterion, metric, seed, target, ...); the key also holds the state format
+`VERSION` and `carlib.__version__`, so a state saved by other code is not resumed. Files are
+replaced atomically (temporary file, fsync, rename), so a run killed at any moment leaves
+either the previous state or the new one, never a partial file.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ class RunState:
         self.context = context
 
     def key(self, **parts: object) -> str:
-        return digest({"version": VERSION, "context": self.context, "parts": parts})
+        import carlib
+
+        return digest({"version": VERSION, "carlib": carlib.__version__,
+                       "context": self.context, "parts": parts})
 
     def path(self, **parts: object) -> Path:
         return self.directory / f"{self.key(**parts)[:20]}.json"

@@ -31,6 +31,18 @@ def class_importance(per_class: torch.Tensor, classes: Sequence[str], layer: str
     return pd.DataFrame(rows)
 
 
+def per_class_frame(per_class: torch.Tensor, classes: Sequence[str], layer: str) -> pd.DataFrame:
+    """Tidy per-class CAR: one row per (filter, class) with the class's accuracy drop.
+
+    Removed filters (NaN rows) are skipped; a class absent from the scoring set gives NaN.
+    """
+    rows = [{"layer": layer, "filter": f, "class_index": k, "class_name": classes[k],
+             "car": float(v)}
+            for f, drops in enumerate(per_class.double()) if not torch.isnan(drops).all()
+            for k, v in enumerate(drops.tolist())]
+    return pd.DataFrame(rows, columns=["layer", "filter", "class_index", "class_name", "car"])
+
+
 def plot_class_importance(per_class: torch.Tensor, classes: Sequence[str], title: str = ""):
     """Heatmap of per-class CAR in percentage points: filters (highest mean CAR first) x classes."""
     import matplotlib

@@ -54,7 +54,8 @@ def all_reduce_tally(t: Tally) -> Tally:
     device = (torch.device("cuda", torch.cuda.current_device())
               if dist.get_backend() == "nccl" else torch.device("cpu"))
     per_class = t.correct_per_class is not None
-    ints = [torch.tensor([t.n, t.base_correct, t.rechecked]), t.correct]
+    ints = [torch.tensor([t.n, t.base_correct, t.rechecked]), t.correct, t.flips_lost,
+            t.flips_gained]
     if per_class:
         ints += [t.correct_per_class.flatten(), t.base_correct_per_class]
     ints_t = torch.cat(ints).to(device)
@@ -64,13 +65,14 @@ def all_reduce_tally(t: Tally) -> Tally:
     ints_t, floats = ints_t.cpu(), floats.cpu()
     nc = len(t.candidates)
     n, base_correct, rechecked = ints_t[:3].tolist()
-    correct, rest = ints_t[3:3 + nc], ints_t[3 + nc:]
+    correct, lost, gained = ints_t[3:3 + 3 * nc].view(3, nc)
+    rest = ints_t[3 + 3 * nc:]
     cpc = base_cpc = None
     if per_class:
         classes = t.base_correct_per_class.numel()
         cpc, base_cpc = rest[:nc * classes].view(nc, classes), rest[nc * classes:]
     return Tally(list(t.candidates), n, correct, floats[1:], base_correct, float(floats[0]),
-                 cpc, base_cpc, rechecked)
+                 cpc, base_cpc, rechecked, lost, gained)
 
 
 def distributed_tally(cut: LayerData, candidates: list[int], metric: str = "top1",

@@ -158,7 +158,7 @@ class _Cuts:
 def _interval(t: Tally | None, f: int, metric: str, method: str, seed: int
               ) -> tuple[float, float]:
     """The CAR interval of candidate f from the tally's flip counts (NaN where unavailable)."""
-    lost, gained = getattr(t, "flips_lost", None), getattr(t, "flips_gained", None)
+    lost, gained = (t.flips_lost, t.flips_gained) if t is not None else (None, None)
     if lost is None or gained is None or metric == "loss":
         return math.nan, math.nan
     i = t.candidates.index(f)

@@ -102,6 +102,9 @@ class Tally:
     `loss` sums cross-entropy in float64. With per-class accumulation, `correct_per_class`
     (candidates x classes) and `base_correct_per_class` count hits by target class.
     `rechecked` is how many (candidate, image) pairs the fast path's guard recomputed.
+    `flips_lost` / `flips_gained` count images that go right -> wrong / wrong -> right when
+    the candidate is removed (so base_correct - correct = flips_lost - flips_gained); they
+    feed the CAR intervals of `carlib.stats`.
     """
 
     candidates: list[int]
@@ -113,6 +116,8 @@ class Tally:
     correct_per_class: torch.Tensor | None = None
     base_correct_per_class: torch.Tensor | None = None
     rechecked: int = 0
+    flips_lost: torch.Tensor | None = None
+    flips_gained: torch.Tensor | None = None
 
     def scores(self, metric: str) -> torch.Tensor:
         """CAR per candidate: metric with the filter minus metric without it (loss: increase)."""
@@ -130,6 +135,9 @@ class _Counts:
     def __init__(self, candidates: list[int], k: int, per_class: bool) -> None:
         self.candidates, self.k, self.per_class = list(candidates), k, per_class
         self.correct = torch.zeros(len(candidates), dtype=torch.long)
+        self.lost = torch.zeros(len(candidates), dtype=torch.long)
+        self.gained = torch.zeros(len(candidates), dtype=torch.long)
+        self.base_hit: torch.Tensor | None = None  # of the images `add` is called with next
         self.loss = torch.zeros(len(candidates), dtype=torch.float64)
         self.n, self.base_correct, self.base_loss, self.rechecked = 0, 0, 0.0, 0
         self.cpc: torch.Tensor | None = None
@@ -145,6 +153,7 @@ class _Counts:
 
     def add_base(self, logits: torch.Tensor, y: torch.Tensor) -> None:
         hit = hits(logits, y, self.k)
+        self.base_hit = hit
         self.n += len(y)
         self.base_correct += int(hit.sum())
         self.base_loss += float(losses(logits, y).sum())
@@ -157,6 +166,8 @@ class _Counts:
         hit = hits(logits, y, self.k)
         sl = slice(start, start + len(logits))
         self.correct[sl] += hit.sum(1).cpu()
+        self.lost[sl] += (self.base_hit & ~hit).sum(1).cpu()
+        self.gained[sl] += (~self.base_hit & hit).sum(1).cpu()
         self.loss[sl] += losses(logits, y).sum(1).cpu()
         if self.per_class:
             by_class = self._by_class(hit, y, logits.shape[-1])
@@ -164,7 +175,8 @@ class _Counts:
 
     def tally(self) -> Tally:
         return Tally(self.candidates, self.n, self.correct, self.loss, self.base_correct,
-                     self.base_loss, self.cpc, self.base_cpc, self.rechecked)
+                     self.base_loss, self.cpc, self.base_cpc, self.rechecked, self.lost,
+                     self.gained)
 
 
 class _Peak(fx.Interpreter):

@@ -29,11 +29,15 @@ def output_dir() -> Path:
 
 
 def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
-    """Turn bad input into one line on stderr and exit code 2; drop a run folder left empty."""
+    """Entry wrapper of every script: set torch's thread count (`threads`, null: torch's
+    default); turn bad input into one line on stderr and exit code 2; drop a run folder left
+    empty."""
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig) -> None:
         try:
+            if cfg.get("threads"):
+                torch.set_num_threads(int(cfg.threads))
             fn(cfg)
         except (CarlibError, OmegaConfBaseException) as e:
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)

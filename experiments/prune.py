@@ -5,8 +5,10 @@ trained network and prunes that layer alone. `method.schedule=global` (conf/meth
 one run per criterion ranks the filters of all listed layers together. Writes to the run folder:
 curves.csv (one row per removed filter), curves.png (held-out top-1 vs filters remaining),
 scoring_indices.txt (the scoring subset of the training split), rank_agreement.csv/.png (CAR vs
-every criterion on each full layer, `method.rank_agreement`) and state/ (progress after every
-step, `method.resume`: run again with the same `hydra.run.dir=...` to continue); logs to W&B.
+every criterion on each full layer, `method.rank_agreement`), per_class_car.csv (per-class
+top-1 CAR of every filter of the full layers, `method.per_class`) and state/ (progress after
+every step, `method.resume`: run again with the same `hydra.run.dir=...` to continue); logs
+to W&B.
 
     python experiments/prune.py                       # default: small AlexNet, generated shapes
     python experiments/prune.py method.criteria=[car] method.layers=[conv2]
@@ -26,9 +28,10 @@ from common import get_model, guard, load_data, output_dir, scoring_and_heldout,
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from carlib import MaskedNet
+from carlib import MaskedNet, car_scores
 from carlib.agreement import layer_scores, rank_agreement, scores_from_traces
 from carlib.checkpointing import RunState, fingerprint
+from carlib.classes import per_class_frame
 from carlib.criteria import CRITERIA
 from carlib.data import load_indices
 from carlib.errors import CarlibError
@@ -110,6 +113,17 @@ def agreement(cfg: DictConfig, model: nn.Module, scoring: object, traces: list[T
     return df
 
 
+def per_class(cfg: DictConfig, model: nn.Module, scoring: object, classes: list[str],
+              out: Path) -> pd.DataFrame:
+    """per_class_car.csv: per-class CAR of every filter of each listed layer (full network)."""
+    df = pd.concat([per_class_frame(car_scores(model, layer, scoring, per_class=True), classes,
+                                    layer) for layer in cfg.method.layers], ignore_index=True)
+    df.insert(0, "model", cfg.model.name)
+    df.insert(1, "dataset", cfg.data.name)
+    write_csv(df, out / "per_class_car.csv")
+    return df
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="prune")
 @guard
 def main(cfg: DictConfig) -> None:
@@ -146,6 +160,8 @@ def main(cfg: DictConfig) -> None:
                                         "each layer alone")
     save_figure(fig, out / "curves.png")
     ranks = agreement(cfg, model, scoring, traces, out) if cfg.method.rank_agreement else None
+    if cfg.method.per_class:
+        per_class(cfg, model, scoring, bundle.classes, out)
     if run is not None:
         import wandb
 

@@ -58,7 +58,8 @@ def test_two_processes_equal_one_process(tmp_path):
     ref = naive_tally(net, LAYER, data, kept, per_class=True)
     assert two["n"] == one.n == 72
     assert two["base_correct"] == one.base_correct == ref.base_correct
-    for key in ("correct", "correct_per_class", "base_correct_per_class"):
+    for key in ("correct", "correct_per_class", "base_correct_per_class", "flips_lost",
+                "flips_gained"):
         assert torch.equal(two[key], getattr(one, key)), key
         assert torch.equal(two[key], getattr(ref, key)), key
     assert torch.equal(two["correct"], ref.correct) and (one.correct != one.base_correct).any()

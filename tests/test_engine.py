@@ -155,6 +155,24 @@ def test_per_class_counts_equal_physical_removal():
     assert torch.equal(t.correct_per_class.sum(1), t.correct)
 
 
+def test_flip_counts_equal_physical_removal_in_every_mode():
+    model, data, example = CASES["alexnet_small"]()
+    net = MaskedNet(model)
+    kept = _all(net, "conv2")
+    tallies = [tally(LayerData(net, "conv2", data), kept, mode=m) for m in ("fast", "plain")]
+    tallies.append(naive_tally(net, "conv2", data, kept))
+    base = torch.cat([hits(model(x), y) for x, y in data])
+    for c in kept:
+        pruned = physically_pruned(model, {"conv2": [c]}, example)
+        after = torch.cat([hits(pruned(x), y) for x, y in data])
+        lost, gained = int((base & ~after).sum()), int((~base & after).sum())
+        for t in tallies:
+            assert (int(t.flips_lost[c]), int(t.flips_gained[c])) == (lost, gained), c
+    for t in tallies:
+        assert torch.equal(t.flips_lost - t.flips_gained, t.base_correct - t.correct)
+    assert (tallies[0].flips_gained > 0).any(), "case is uninformative: no image is gained"
+
+
 def test_naive_equals_physical_removal_with_removed_filters():
     model, data, example = CASES["alexnet_small"]()
     net = MaskedNet(model)

@@ -16,7 +16,7 @@ CONF = ROOT / "conf"
 COLUMNS = ["model", "dataset", "layer", "criterion", "seed", "step", "removed_filter",
            "filters_remaining", "scoring_acc", "heldout_top1"]
 TINY = ["data.n_train=600", "data.n_test=200", "train.epochs=1", "method.scoring.size=60",
-        "++model.widths=[8,8,8,8,8]", "method.n_keep=6", "progress=false"]
+        "++model.widths=[8,8,8,8,8]", "method.n_keep=6", "progress=false", "threads=1"]
 
 
 def run(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -50,6 +50,16 @@ def test_prune_end_to_end(tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
     idx = (out / "scoring_indices.txt").read_text().split()
     assert len(idx) == 60
+    # per-class CAR: 2 layers x 8 filters x 6 classes; with 10 scoring images per class, the
+    # class mean is the filter's CAR (checked on the first filter CAR removed from each layer)
+    pc = pd.read_csv(out / "per_class_car.csv")
+    assert len(pc) == 2 * 8 * 6 and set(pc.class_name) == {"circle", "square", "triangle",
+                                                           "cross", "star", "ring"}
+    first = df[(df.criterion == "car") & (df.step == 1)]
+    for r in first.itertuples():
+        drops = pc[(pc.layer == r.layer) & (pc["filter"] == r.removed_filter)].car
+        assert drops.mean() == pytest.approx(r.score)
+        assert r.score_lo <= r.score <= r.score_hi
     # a second run reuses the cached checkpoint and gives the identical CSV
     again = run(tmp_path, *TINY, f"hydra.run.dir={tmp_path}/run2")
     assert again.returncode == 0, again.stderr[-2000:]

@@ -12,15 +12,20 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
-from conftest import self_labelled
 from test_experiments import ROOT, TINY
-from test_schedules import Small, one_thread  # noqa: F401 - one_thread is a fixture
-from torch import nn
+from test_schedules import small_case
 
+import carlib
 from carlib.checkpointing import RunState, fingerprint
 from carlib.greedy import global_prune, greedy_prune
 from carlib.models import build_model
+
+
+def test_state_of_another_carlib_version_is_not_resumed(tmp_path, monkeypatch):
+    state = RunState(tmp_path, model="abc")
+    state.save({"x": 1}, layer="conv1")
+    monkeypatch.setattr(carlib, "__version__", carlib.__version__ + ".dev1")
+    assert state.load(layer="conv1") is None
 
 
 def test_run_state_roundtrip_and_keys(tmp_path):
@@ -54,22 +59,10 @@ class Dying(RunState):
         return path
 
 
-def _case():
-    torch.manual_seed(0)
-    model = Small()
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    model = model.double().eval()
-    x = torch.randn(64, 3, 8, 8, dtype=torch.float64)
-    y = self_labelled(model, x)
-    return model, [(x[i:i + 32], y[i:i + 32]) for i in range(0, 64, 32)]
-
-
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("schedule", ["layerwise", "global"])
 def test_interrupted_run_continues_to_the_same_trace(tmp_path, schedule):
-    model, data = _case()
+    model, data = small_case()
 
     def run(state):
         if schedule == "global":

@@ -139,18 +139,8 @@ class Small(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-@pytest.fixture
-def one_thread():
-    """Hundreds of forwards on tiny tensors: with 2 threads on a busy 2-core machine, thread
-    synchronization dominated (33 s instead of 0.4 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.mark.parametrize("k", [1, 3])
-def test_global_car_matches_brute_force(k, one_thread):
+def small_case() -> tuple[nn.Module, list]:
+    """A seeded float64 `Small` and 64 self-labelled scoring images in two batches."""
     torch.manual_seed(0)
     model = Small()
     for m in model.modules():
@@ -159,7 +149,12 @@ def test_global_car_matches_brute_force(k, one_thread):
     model = model.double().eval()
     x = torch.randn(64, 3, 8, 8, dtype=torch.float64)
     y = self_labelled(model, x)
-    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+    return model, [(x[:32], y[:32]), (x[32:], y[32:])]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_global_car_matches_brute_force(k, one_thread):
+    model, data = small_case()
     layers = ["conv1", "conv2", "conv3"]
     t = global_prune(model, layers, data, 9, k=k, progress=False)
     df = t.to_frame().iloc[1:]
@@ -168,28 +163,28 @@ def test_global_car_matches_brute_force(k, one_thread):
     assert len(set(t.removed_layers)) > 1, "case is uninformative"
 
 
-def test_intervals_written_when_the_tally_has_flip_counts(monkeypatch):
+def test_intervals_come_from_the_flip_counts_of_the_chosen_filter(monkeypatch):
     data = groups([3, 1, 4, 2])
-    plain = greedy_prune(TwoLayer(), "conv1", data, 2, progress=False).to_frame()
-    assert plain["score_lo"].isna().all() and plain["score_hi"].isna().all()
-
+    seen = []
     real = carlib.criteria.tally
 
-    def with_flips(cut, candidates, metric="top1", *args, **kw):
+    def spy(cut, candidates, metric="top1", *args, **kw):
         t = real(cut, candidates, metric, *args, **kw)
-        t.flips_lost = t.base_correct - t.correct + 1  # one image each way: any valid counts
-        t.flips_gained = torch.ones_like(t.correct)
+        seen.append(t)
         return t
 
-    monkeypatch.setattr(carlib.criteria, "tally", with_flips)
+    monkeypatch.setattr(carlib.criteria, "tally", spy)
     for method in ("exact", "bootstrap"):
-        df = greedy_prune(TwoLayer(), "conv1", data, 2, interval=method,
-                          progress=False).to_frame()
-        for row in df.iloc[1:].itertuples():
-            lo, hi = car_interval(round(row.score * 15) + 1, 1, 15, method=method)
-            assert (row.score_lo, row.score_hi) == pytest.approx((lo, hi))
-            assert row.score_lo <= row.score <= row.score_hi
+        seen.clear()
+        trace = greedy_prune(TwoLayer(), "conv1", data, 2, interval=method, progress=False)
+        df = trace.to_frame()
         assert math.isnan(df["score_lo"].iat[0])
+        for t, row in zip(seen, df.iloc[1:].itertuples(), strict=True):
+            i = t.candidates.index(row.removed_filter)
+            lo, hi = car_interval(int(t.flips_lost[i]), int(t.flips_gained[i]), t.n,
+                                  method=method)
+            assert (row.score_lo, row.score_hi) == pytest.approx((float(lo), float(hi)))
+            assert row.score_lo <= row.score <= row.score_hi
     l1 = greedy_prune(TwoLayer(), "conv1", data, 2, "l1", progress=False).to_frame()
     assert l1["score_lo"].isna().all()
 
