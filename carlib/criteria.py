@@ -45,10 +45,19 @@ def _conv_weight(net: MaskedNet, layer: str) -> torch.Tensor:
     return net.gm.get_submodule(layer).weight.detach()
 
 
-def car(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
-    """Classification accuracy reduction: metric drop when the filter is removed."""
-    t = tally(cut, kept, metric)
-    return t.scores(metric), t
+def make_car(mode: str = "fast") -> Criterion:
+    """CAR counted by the scoring engine in `mode` (`carlib.scoring`: fast | plain | naive;
+    all give the same counts, naive is the slow reference)."""
+
+    def car(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
+        """Classification accuracy reduction: metric drop when the filter is removed."""
+        t = tally(cut, kept, metric, mode=mode)
+        return t.scores(metric), t
+
+    return car
+
+
+car = make_car()
 
 
 def l1(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
@@ -143,10 +152,12 @@ def make_random(seed: int, layers: Sequence[str] | None = None) -> Criterion:
     return random
 
 
-def get_criterion(name: str, seed: int = 0, layers: Sequence[str] | None = None) -> Criterion:
-    """The criterion called `name` (see CRITERIA); `layers`: see `make_random`."""
+def get_criterion(name: str, seed: int = 0, layers: Sequence[str] | None = None,
+                  mode: str = "fast") -> Criterion:
+    """The criterion called `name` (see CRITERIA); `layers`: see `make_random`; `mode`: the
+    scoring engine's mode for `car` (see `make_car`)."""
     table: dict[str, Criterion] = {
-        "car": car, "random": make_random(seed, layers), "l1": l1, "l2": l2,
+        "car": make_car(mode), "random": make_random(seed, layers), "l1": l1, "l2": l2,
         "mean_activation": mean_activation, "apoz": apoz, "taylor": taylor}
     if name not in table:
         raise CarlibError(f"unknown criterion '{name}'; valid: {', '.join(CRITERIA)}")

@@ -35,7 +35,7 @@ from carlib.criteria import Criterion, get_criterion
 from carlib.errors import CarlibError
 from carlib.evaluate import check_metric, eval_mode
 from carlib.graph import MaskedNet
-from carlib.scoring import LayerData, Tally, measure, tally
+from carlib.scoring import LayerData, Tally, check_mode, measure, tally
 from carlib.stats import METHODS, car_interval
 
 
@@ -252,16 +252,18 @@ def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
 
 def _run(model: nn.Module, trace: Trace, data: Iterable, eval_data: Iterable | None,
          n_remove: int | Callable[[MaskedNet], int], min_keep: dict[str, int] | int, k: int,
-         interval: str, progress: bool, state: RunState | None, parts: dict) -> Trace:
+         interval: str, progress: bool, state: RunState | None, parts: dict, mode: str
+         ) -> Trace:
     """Set up the masked net and the saved state, then run the greedy loop."""
     check_metric(trace.metric)
+    check_mode(mode)
     if k < 1:
         raise CarlibError(f"k={k}: remove at least one filter per step (k >= 1)")
     if interval not in METHODS:
         raise CarlibError(f"unknown interval method '{interval}'; valid: {', '.join(METHODS)}")
     layers = trace.layers
     score_fn = get_criterion(trace.criterion, trace.seed,
-                             layers if trace.schedule == "global" else None)
+                             layers if trace.schedule == "global" else None, mode)
     with eval_mode(model), torch.no_grad():
         net = MaskedNet(model)
         sizes = {name: net.unit(name).num_filters for name in layers}
@@ -279,14 +281,15 @@ def _run(model: nn.Module, trace: Trace, data: Iterable, eval_data: Iterable | N
 def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
                  criterion: str = "car", *, metric: str = "top1", eval_data: Iterable | None = None,
                  seed: int = 0, k: int = 1, interval: str = "exact", progress: bool = True,
-                 state: RunState | None = None) -> Trace:
+                 state: RunState | None = None, mode: str = "fast") -> Trace:
     """Prune conv `layer` greedily down to `n_keep` filters, `k` per step; model unchanged.
 
     `data` is the scoring set ((inputs, targets) batches); `eval_data`, if given, is the held-out
     set whose top-1 accuracy is recorded after every step. Criteria: see `carlib.criteria`.
     `interval` ("exact" | "bootstrap", `carlib.stats`) gives CAR rows `score_lo`/`score_hi`
     where the scoring engine provides flip counts. With `state`, progress is saved after every
-    step and resumed from there. `progress` shows a bar when output is a terminal.
+    step and resumed from there. `progress` shows a bar when output is a terminal. `mode`:
+    the CAR scoring engine's mode (`carlib.scoring`; "naive" is the slow reference).
     """
 
     def n_remove(net: MaskedNet) -> int:
@@ -300,7 +303,7 @@ def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
     parts = {"schedule": "layerwise", "layer": layer, "criterion": criterion, "metric": metric,
              "seed": seed, "n_keep": n_keep, "k": k, "interval": interval}
     return _run(model, trace, data, eval_data, n_remove, n_keep, k, interval, progress, state,
-                parts)
+                parts, mode)
 
 
 def global_prune(model: nn.Module, layers: Sequence[str], data: Iterable,
@@ -308,7 +311,7 @@ def global_prune(model: nn.Module, layers: Sequence[str], data: Iterable,
                  keep_fraction: float | None = None, min_per_layer: int = 1, k: int = 1,
                  metric: str = "top1", eval_data: Iterable | None = None, seed: int = 0,
                  interval: str = "exact", progress: bool = True,
-                 state: RunState | None = None) -> Trace:
+                 state: RunState | None = None, mode: str = "fast") -> Trace:
     """Network-wide greedy pruning of `layers` together (see the module docstring).
 
     Removes `n_remove` filters, or, if None, down to round(keep_fraction x all their filters);
@@ -336,4 +339,4 @@ def global_prune(model: nn.Module, layers: Sequence[str], data: Iterable,
              "seed": seed, "n_remove": n_remove, "keep_fraction": keep_fraction,
              "min_per_layer": min_per_layer, "k": k, "interval": interval}
     return _run(model, trace, data, eval_data, count, min_per_layer, k, interval, progress,
-                state, parts)
+                state, parts, mode)

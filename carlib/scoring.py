@@ -322,7 +322,7 @@ def _tally_images(cut: LayerData, engine: _Engine | None, h: torch.Tensor,
         counts.add(s, out, y)
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise CarlibError(f"unknown scoring mode '{mode}'; valid: {', '.join(MODES)}")
 
@@ -340,7 +340,7 @@ def tally(cut: LayerData, candidates: list[int], metric: str = "top1", chunk: in
     only. `per_class` also counts hits by target class.
     """
     check_metric(metric)
-    _check_mode(mode)
+    check_mode(mode)
     if mode == "naive":
         return naive_tally(cut.net, cut.layer, cut.data, candidates, metric, per_class=per_class)
     counts = _Counts(candidates, topk_of(metric), per_class)

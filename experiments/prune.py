@@ -137,7 +137,8 @@ def main(cfg: DictConfig) -> None:
     for label, job in jobs(cfg, model, scoring):
         start = time.perf_counter()
         trace = job(metric=cfg.method.metric, eval_data=heldout, seed=cfg.seed, k=cfg.method.k,
-                    interval=cfg.method.interval, progress=cfg.progress, state=state)
+                    interval=cfg.method.interval, progress=cfg.progress, state=state,
+                    mode=cfg.method.scoring.mode)
         traces.append(trace)
         df = trace.to_frame()
         df.insert(0, "model", cfg.model.name)

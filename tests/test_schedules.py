@@ -200,3 +200,14 @@ def test_prune_script_global_schedule(tmp_path):
     assert df.groupby("criterion")["filters_remaining"].min().eq(16 - 5).all()
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
     assert len(pd.read_csv(tmp_path / "run" / "rank_agreement.csv")) == 2 * 6
+
+
+def test_greedy_trace_is_the_same_in_every_scoring_mode(one_thread):
+    model, data = small_case()
+    traces = {m: greedy_prune(model, "conv2", data, 2, mode=m, progress=False).to_frame()
+              for m in ("fast", "plain", "naive")}
+    pd.testing.assert_frame_equal(traces["fast"], traces["naive"])
+    pd.testing.assert_frame_equal(traces["plain"], traces["naive"])
+    assert (traces["naive"].score.iloc[1:] != 0).any(), "case is uninformative"
+    with pytest.raises(CarlibError, match="unknown scoring mode"):
+        greedy_prune(model, "conv2", data, 2, mode="quick", progress=False)
