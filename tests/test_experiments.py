@@ -36,6 +36,15 @@ def test_configs_compose(config, model, data):
     assert resolved["model"]["name"] == model and resolved["data"]["name"] == data
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("config", ["prune", "interpret"])
+def test_experiment_presets_compose(config, preset):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config, overrides=[f"experiment={preset}", "data.root=/x"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["method"]["criteria"] and resolved["method"]["layers"]
+
+
 def test_prune_end_to_end(tmp_path):
     res = run(tmp_path, *TINY)
     assert res.returncode == 0, res.stderr[-2000:]
