@@ -56,7 +56,7 @@ def car_interval(n10: object, n01: object, n: int, *, level: float = 0.95,
     if method == "exact":
         m = a + b
         p_lo, p_hi = clopper_pearson(a, m, level)
-        return m * (2 * p_lo - 1) / n, m * (2 * p_hi - 1) / n
+        return m * (2 * p_lo - 1) / n + 0.0, m * (2 * p_hi - 1) / n + 0.0  # + 0.0: no -0.0
     if method == "bootstrap":
         p = np.stack(np.broadcast_arrays(a, b, n - a - b), -1) / n
         draws = np.random.default_rng(seed).multinomial(n, p, size=(n_boot, *a.shape))
