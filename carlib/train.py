@@ -1,4 +1,4 @@
-"""Training and fine-tuning: one plain loop (AdamW or SGD, cosine schedule), seeded."""
+"""Training and fine-tuning: one plain loop (AdamW or SGD; one-cycle, cosine or constant lr)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,29 @@ from tqdm.auto import tqdm
 
 from carlib.errors import CarlibError
 
+SCHEDULES = ("onecycle", "cosine", "none")
+
+
+def _scheduler(opt: torch.optim.Optimizer, schedule: str, lr: float,
+               total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if schedule == "onecycle":  # 15% warm-up to lr, then cosine decay
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
+                                                   pct_start=0.15)
+    if schedule == "cosine":  # cosine decay from lr to 0, no warm-up (fine-tuning)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if schedule == "none":
+        return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    raise CarlibError(f"unknown lr schedule '{schedule}'; valid: {', '.join(SCHEDULES)}")
+
 
 def fit(model: nn.Module, loader: Iterable, epochs: int, lr: float = 2e-3,
-        weight_decay: float = 5e-4, optimizer: str = "adamw", progress: bool = True) -> nn.Module:
-    """Train `model` in place on `loader` for `epochs` with a per-step cosine-decayed `lr`."""
+        weight_decay: float = 5e-4, optimizer: str = "adamw", progress: bool = True,
+        schedule: str = "onecycle") -> nn.Module:
+    """Train `model` in place on `loader` for `epochs`; the lr follows `schedule` per step.
+
+    Only parameters with `requires_grad` are updated. `schedule`: `onecycle` (default: 15%
+    warm-up to `lr`, then cosine decay), `cosine` (decay from `lr` to 0) or `none` (constant).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -23,8 +42,7 @@ def fit(model: nn.Module, loader: Iterable, epochs: int, lr: float = 2e-3,
     else:
         raise CarlibError(f"unknown optimizer '{optimizer}'; valid: adamw, sgd")
     total = epochs * len(loader)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1),
-                                                pct_start=0.15)
+    sched = _scheduler(opt, schedule, lr, max(total, 1))
     model.train()
     bar = tqdm(total=total, desc="train", leave=False,
                disable=None if progress else True)  # None: only on a terminal

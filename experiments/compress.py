@@ -1,10 +1,19 @@
-"""Physically remove the filters a pruning run removed; compare the smaller network's cost.
+"""Physically remove the filters a pruning run removed; retrain; compress one layer further.
 
 Reads the removed filters from a curves.csv of experiments/prune.py (`source.curves`,
 `source.criterion`, `source.layer`) or from `source.removed`, builds the smaller network with
 torch-pruning (carlib.physical), and writes to the run folder: pruned.pt (`load_pruned` rebuilds
 it) and cost.csv (original vs pruned: params, FLOPs, CPU latency at batch 1 and
-`cost.batch_size`, held-out top-1).
+`cost.batch_size`, held-out top-1). Then, each stage off-able:
+
+- retrain the pruned network on the training split (`retrain`, epochs=0: off);
+- compress `layer_compression.layer` as in Deep Compression (carlib.compression): magnitude
+  pruning (retrained with the mask fixed), k-means weight sharing (retrained with the codes
+  fixed), Huffman coding (`layer_compression.enabled=false`: off);
+
+and write compression.csv (one row per stage: bits of the layer, ratio to the original layer,
+held-out top-1 before and after the stage's retraining, its budget), compression.png and
+compressed.pt (the network after the last stage; `load_pruned` reads it).
 
     python experiments/compress.py source.curves=outputs/prune/<run>/curves.csv source.layer=conv2
     python experiments/compress.py 'source.removed={conv1: [0, 3]}'
@@ -12,14 +21,29 @@ it) and cost.csv (original vs pruned: params, FLOPs, CPU latency at batch 1 and
 
 from __future__ import annotations
 
+import copy
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import hydra
+import matplotlib
 import pandas as pd
 import torch
 from common import get_model, guard, load_data, model_config, output_dir, start_wandb
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
+from carlib.compression import (
+    apply_mask,
+    bake,
+    bit_account,
+    magnitude_mask,
+    quantize,
+    share_weights,
+)
 from carlib.cost import cost_report
-from carlib.data import make_loader
+from carlib.data import DataBundle, make_loader
 from carlib.errors import CarlibError
 from carlib.evaluate import evaluate
 from carlib.physical import (
@@ -29,7 +53,15 @@ from carlib.physical import (
     removed_per_layer,
     save_pruned,
 )
-from carlib.results import write_csv
+from carlib.results import save_figure, write_csv
+from carlib.train import SCHEDULES, fit
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLUMNS = ["model", "dataset", "layer", "stage", "bits", "ratio", "nonzero", "heldout_top1",
+           "retrain_epochs", "retrain_seconds", "heldout_top1_before_retrain", "retrain_steps",
+           "bits_weights", "bits_index", "bits_codebook", "bits_table", "bits_bias"]
 
 
 def removed_filters(cfg: DictConfig) -> tuple[dict[str, list[int]], float | None]:
@@ -54,6 +86,123 @@ def removed_filters(cfg: DictConfig) -> tuple[dict[str, list[int]], float | None
     return removed_per_layer(rows), expected
 
 
+def compressed_layer(cfg: DictConfig, model: nn.Module, removed: dict[str, list[int]]) -> str:
+    """`layer_compression.layer`, or the (first) layer filters were removed from; checks the
+    retraining and compression config."""
+    lc, rt = cfg.layer_compression, cfg.retrain
+    layer = lc.layer if lc.layer is not None else next(iter(removed))
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if layer not in names:
+        raise CarlibError(f"layer_compression.layer '{layer}' is not a conv or linear layer of "
+                          f"{cfg.model.name}; valid: {', '.join(names)}")
+    if rt.schedule not in SCHEDULES:
+        raise CarlibError(f"retrain.schedule '{rt.schedule}' is not one of "
+                          f"{', '.join(SCHEDULES)}")
+    if rt.optimizer not in ("adamw", "sgd"):
+        raise CarlibError(f"retrain.optimizer '{rt.optimizer}' is not one of adamw, sgd")
+    if lc.train not in ("all", "layer"):
+        raise CarlibError(f"layer_compression.train '{lc.train}' is not one of all, layer")
+    if lc.enabled and not (0 <= lc.sparsity < 1 and lc.bits >= 1 and lc.index_bits >= 1):
+        raise CarlibError("layer_compression needs 0 <= sparsity < 1, bits >= 1 and "
+                          f"index_bits >= 1; got {lc.sparsity}, {lc.bits}, {lc.index_bits}")
+    return layer
+
+
+@contextmanager
+def only_layer(model: nn.Module, layer: str | None) -> Iterator[None]:
+    """Freeze every parameter outside `layer` (None: freeze nothing); restore the flags after."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    if layer is not None:
+        inside = set(model.get_submodule(layer).parameters())
+        for p in flags:
+            if p not in inside:
+                p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def retrain(cfg: DictConfig, model: nn.Module, bundle: DataBundle, epochs: int,
+            layer: str | None = None) -> dict[str, float]:
+    """Fine-tune `model` in place with `cfg.retrain` for `epochs` (only `layer`, if given).
+
+    Returns the budget: retrain_epochs, retrain_steps, retrain_seconds.
+    """
+    rt = cfg.retrain
+    loader = make_loader(bundle.train, rt.batch_size, shuffle=True, seed=cfg.seed)
+    start = time.perf_counter()
+    if epochs > 0:
+        torch.manual_seed(cfg.seed)
+        with only_layer(model, layer):
+            fit(model, loader, epochs, lr=rt.lr, weight_decay=rt.weight_decay,
+                optimizer=rt.optimizer, progress=cfg.progress, schedule=rt.schedule)
+    return {"retrain_epochs": epochs, "retrain_steps": epochs * len(loader),
+            "retrain_seconds": time.perf_counter() - start if epochs > 0 else 0.0}
+
+
+def compress_layer(cfg: DictConfig, net: nn.Module, layer: str, bundle: DataBundle,
+                   heldout) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Weight pruning then weight sharing of `net`'s `layer` in place, each retrained.
+
+    Returns (mask, codes, one row per stage: weight_pruned, quantized, huffman).
+    """
+    lc = cfg.layer_compression
+    only = layer if lc.train == "layer" else None
+    conv = net.get_submodule(layer)
+    rows = []
+    mask = magnitude_mask(conv.weight, lc.sparsity)
+    apply_mask(conv, mask)
+    before = evaluate(net, heldout)["top1"]
+    budget = retrain(cfg, net, bundle, lc.prune_epochs, only)
+    rows.append({"stage": "weight_pruned", "heldout_top1_before_retrain": before,
+                 "heldout_top1": evaluate(net, heldout)["top1"], **budget})
+    bake(conv)
+    codebook, codes = quantize(conv.weight, mask, lc.bits)
+    share_weights(conv, codebook, codes, mask)
+    before = evaluate(net, heldout)["top1"]
+    budget = retrain(cfg, net, bundle, lc.quantize_epochs, only)
+    after = evaluate(net, heldout)["top1"]
+    rows.append({"stage": "quantized", "heldout_top1_before_retrain": before,
+                 "heldout_top1": after, **budget})
+    bake(conv)
+    rows.append({"stage": "huffman", "heldout_top1_before_retrain": after, "heldout_top1": after,
+                 **retrain(cfg, net, bundle, 0)})  # lossless: the quantized network
+    return mask, codes, rows
+
+
+def plot_compression(df: pd.DataFrame) -> plt.Figure:
+    """Bits of the layer per stage (log axis, ratio annotated) and held-out top-1 per stage."""
+    x = range(len(df))
+    labels = [s.replace("_", "\n") for s in df.stage]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.bar(x, df.bits, color="tab:blue", alpha=0.8)
+    ax1.set_yscale("log")
+    ax1.set_ylim(df.bits.min() / 2, df.bits.max() * 3)
+    for i, r in zip(x, df.itertuples()):
+        ax1.annotate(f"{r.ratio:.1f}x", (i, r.bits), ha="center", va="bottom",
+                     xytext=(0, 2), textcoords="offset points", fontsize=9)
+    ax1.set_ylabel(f"bits of {df.layer.iat[0]} (log)")
+    ax1.set_title("layer size (ratio: original / stage)")
+    ax2.plot(x, df.heldout_top1 * 100, "o-", color="tab:red", label="after retraining")
+    ax2.plot(x, df.heldout_top1_before_retrain * 100, "o", mfc="none", color="tab:gray",
+             label="before retraining")
+    for i, v in zip(x, df.heldout_top1):
+        ax2.annotate(f"{v * 100:.2f}", (i, v * 100), ha="center", va="bottom",
+                     xytext=(0, 4), textcoords="offset points", fontsize=9)
+    ax2.margins(x=0.1, y=0.25)
+    ax2.set_ylabel("held-out top-1 (%)")
+    ax2.set_title("accuracy per stage")
+    ax2.legend(frameon=False, fontsize=8, loc="best")
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(x), labels)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{df.model.iat[0]} on {df.dataset.iat[0]}: compressing {df.layer.iat[0]}")
+    fig.tight_layout()
+    return fig
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="compress")
 @guard
 def main(cfg: DictConfig) -> None:
@@ -63,7 +212,13 @@ def main(cfg: DictConfig) -> None:
     shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
     prune = prune_coupled if cfg.source.coupled else prune_physically
     example = torch.zeros(1, *shape)
-    model = get_model(cfg, bundle, check=lambda m: prune(m, removed, example))
+
+    def check(m: nn.Module) -> None:
+        prune(m, removed, example)
+        compressed_layer(cfg, m, removed)
+
+    model = get_model(cfg, bundle, check=check)
+    layer = compressed_layer(cfg, model, removed)
     pruned = prune(model, removed, example)
     save_pruned(out / "pruned.pt", model_config(cfg, bundle), removed, pruned.state_dict(), shape)
     variants = {"original": model, "pruned": pruned}
@@ -71,15 +226,48 @@ def main(cfg: DictConfig) -> None:
     heldout = make_loader(bundle.test, cfg.data.batch_size)
     df["heldout_top1"] = [evaluate(variants[v], heldout)["top1"] for v in df.variant]
     write_csv(df, out / "cost.csv")
+
+    acc = dict(zip(df.variant, df.heldout_top1))
+    net = copy.deepcopy(pruned)
+    stages = [{"stage": "original", "heldout_top1_before_retrain": acc["original"],
+               "heldout_top1": acc["original"], **retrain(cfg, net, bundle, 0)}]
+    budget = retrain(cfg, net, bundle, cfg.retrain.epochs)
+    stages.append({"stage": "car_pruned", "heldout_top1_before_retrain": acc["pruned"],
+                   "heldout_top1": evaluate(net, heldout)["top1"], **budget})
+    dense = copy.deepcopy(net.get_submodule(layer))
+    lc = cfg.layer_compression
+    if lc.enabled:
+        mask, codes, rows = compress_layer(cfg, net, layer, bundle, heldout)
+        stages += rows
+        bits = bit_account(model.get_submodule(layer), dense, mask, codes, lc.bits, lc.index_bits)
+    else:
+        bits = bit_account(model.get_submodule(layer), dense)
+    comp = pd.DataFrame(stages).merge(bits, on="stage")
+    comp.insert(0, "model", cfg.model.name)
+    comp.insert(1, "dataset", cfg.data.name)
+    comp.insert(2, "layer", layer)
+    comp = comp[COLUMNS]
+    write_csv(comp, out / "compression.csv")
+    save_figure(plot_compression(comp), out / "compression.png")
+    plt.close("all")
+    if cfg.retrain.epochs > 0 or lc.enabled:
+        save_pruned(out / "compressed.pt", model_config(cfg, bundle), removed, net.state_dict(),
+                    shape)
+
     run = start_wandb(cfg, out, "compress")
     if run is not None:
         import wandb
 
-        run.log({"cost": wandb.Table(dataframe=df)})
+        run.log({"cost": wandb.Table(dataframe=df),
+                 "compression": wandb.Table(dataframe=comp),
+                 "compression_plot": wandb.Image(str(out / "compression.png"))})
+        last = comp.iloc[-1]
+        run.summary.update({"ratio": float(last.ratio), "heldout_top1": float(last.heldout_top1)})
         run.finish()
     print(df.to_string(index=False))
     if expected is not None:
         print(f"held-out top-1 in the curves after these removals (masked): {expected:.4f}")
+    print(comp[COLUMNS[3:12]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"removed {', '.join(f'{k}: {len(v)}' for k, v in removed.items())}; results in {out}")
 
 
