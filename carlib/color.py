@@ -89,16 +89,18 @@ def response_color_index(net: MaskedNet, layer: str, data: Iterable, mean: Seque
 def color_count(order: Sequence[int], selective: torch.Tensor, top_k: int) -> dict[str, float]:
     """Color-selective filters among the first `top_k` of a pruning order, against chance.
 
-    `selective` is a bool per filter of the layer. The p-value is the exact permutation test
-    (hypergeometric tail): the chance that `top_k` filters drawn at random from the layer
-    include at least as many color-selective ones.
+    `selective` is a bool per filter of the layer. `p_value` is the exact permutation test
+    (hypergeometric upper tail): the chance that `top_k` filters drawn at random from the
+    layer include at least as many color-selective ones; `p_value_fewer` the lower tail (at
+    most as many), for orders that prune color-selective filters last.
     """
     n, c = len(selective), int(selective.sum())
     k = min(top_k, len(order))
     observed = int(selective[list(order[:k])].sum())
     return {"top_k": k, "color_selective": observed, "layer_filters": n,
             "layer_color_selective": c, "base_rate": c / n, "expected_random": k * c / n,
-            "p_value": float(hypergeom.sf(observed - 1, n, c, k))}
+            "p_value": float(hypergeom.sf(observed - 1, n, c, k)),
+            "p_value_fewer": float(hypergeom.cdf(observed, n, c, k))}
 
 
 def plot_color_counts(counts, title: str = ""):

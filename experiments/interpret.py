@@ -51,9 +51,12 @@ def removal_orders(cfg: DictConfig, model, scoring, heldout, layers: dict[str, i
             need = min(cfg.interpret.top_k, n - 1)
             for crit in cfg.method.criteria:
                 got = df[(df.layer == layer) & (df.criterion == crit)].removed_filter.count()
+                if got == 0:
+                    raise CarlibError(f"{path} has no removals for {layer}/{crit}; run that "
+                                      "criterion in the prune run or set interpret.source=null")
                 if got < need:
-                    raise CarlibError(f"{path} has {got} removals for {layer}/{crit}, need "
-                                      f"{need}; prune further or set interpret.source=null")
+                    print(f"note: {layer}/{crit}: the source run removed {got} filters; "
+                          f"counting the top {got} (interpret.top_k={cfg.interpret.top_k})")
         return df
     frames = []
     for layer, n in layers.items():

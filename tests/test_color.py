@@ -70,3 +70,7 @@ def test_color_count_exact_permutation_p_value():
     # P(at least 1 of 2 selective among 3 drawn from 6) = 1 - C(4,3)/C(6,3)
     assert r["color_selective"] == 1
     assert r["p_value"] == pytest.approx(1 - math.comb(4, 3) / math.comb(6, 3))
+    assert r["p_value_fewer"] == pytest.approx(
+        (math.comb(4, 3) + 2 * math.comb(4, 2)) / math.comb(6, 3))  # 0 or 1 selective of 3
+    r = color_count([3, 4], selective, top_k=2)
+    assert r["p_value_fewer"] == pytest.approx(math.comb(4, 2) / math.comb(6, 2))
