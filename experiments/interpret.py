@@ -114,8 +114,12 @@ def main(cfg: DictConfig) -> None:
         for crit in cfg.method.criteria:
             t = traces[(traces.layer == layer) & (traces.criterion == crit)]
             removed = [int(r) for r in t.removed_filter.dropna()]
+            top = removed[:min(ic.top_k, len(removed))]
             counts.append({"layer": layer, "criterion": crit, "index": filters[-1].index_used[0],
-                           "threshold": thr, **color_count(removed, selective, ic.top_k)})
+                           "threshold": thr, **color_count(removed, selective, ic.top_k),
+                           # threshold-free: the color index averaged over the top-K / layer
+                           "index_mean_top_k": float(index[top].mean()),
+                           "index_mean_layer": float(index.mean())})
             for step in range(len(removed) + 1):
                 kept = sorted(set(range(n)) - set(removed[:step]))
                 diversity.append({"layer": layer, "criterion": crit, "step": step,

@@ -38,6 +38,10 @@ def test_run_state_roundtrip_and_keys(tmp_path):
     assert [p.name for p in (tmp_path / "s").iterdir()] == [path.name]  # no temporary left
     a, b = build_model("lenet5", 10, 1), build_model("lenet5", 10, 1)
     assert fingerprint(a) == fingerprint(a) != fingerprint(b)
+    r = build_model("resnet_small", 6)  # BatchNorm: 0-dim num_batches_tracked buffers
+    before = fingerprint(r)
+    r.stem_bn.num_batches_tracked += 1
+    assert fingerprint(r) != before
 
 
 class Interrupt(Exception):
