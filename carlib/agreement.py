@@ -43,7 +43,8 @@ def layer_scores(model: nn.Module, layer: str, data: Iterable, criteria: Sequenc
             if name in known:
                 out[name] = torch.as_tensor(known[name], dtype=torch.float64)
             else:
-                out[name] = get_criterion(name, seed)(net, layer, cut, kept, metric)[0].double()
+                out[name] = get_criterion(name, seed)(net, layer, cut, kept,
+                                                      metric)[0].double().cpu()
     return out
 
 

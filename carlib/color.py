@@ -39,7 +39,7 @@ def weight_color_index(weight: torch.Tensor, std: Sequence[float] | None = None)
     if weight.dim() != 4 or weight.shape[1] != 3:
         raise ValueError(f"weight_color_index needs RGB filters (F, 3, kh, kw), got "
                          f"{tuple(weight.shape)}")
-    w = weight.detach().double()
+    w = weight.detach().cpu().double()
     if std is not None:
         w = w / torch.as_tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
     opp = torch.einsum("oc,fchw->fohw", _OPPONENT, w)
@@ -51,10 +51,11 @@ def weight_color_index(weight: torch.Tensor, std: Sequence[float] | None = None)
 
 def to_grayscale(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Normalized RGB batch -> the same images in grayscale (3 equal channels), normalized."""
-    m = torch.as_tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     raw = x * s + m
-    gray = (raw * torch.as_tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    luma = torch.as_tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    gray = (raw * luma).sum(1, keepdim=True)
     return (gray.expand_as(raw) - m) / s
 
 
@@ -68,7 +69,7 @@ def channel_responses(net: MaskedNet, layer: str, data: Iterable) -> torch.Tenso
     out = []
     for x, _y in data:
         h = prefix(x)[0].clamp_min(0)
-        out.append(h.flatten(2).amax(-1) if h.dim() > 2 else h)
+        out.append((h.flatten(2).amax(-1) if h.dim() > 2 else h).cpu())
     return torch.cat(out)
 
 

@@ -62,12 +62,12 @@ car = make_car()
 
 def l1(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
     """Sum of absolute filter weights (Li et al. 2016)."""
-    return _conv_weight(net, layer).abs().flatten(1)[kept].sum(1).double(), None
+    return _conv_weight(net, layer).abs().flatten(1)[kept].sum(1).double().cpu(), None
 
 
 def l2(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
     """Euclidean norm of the filter's weights."""
-    return _conv_weight(net, layer).flatten(1)[kept].double().norm(dim=1), None
+    return _conv_weight(net, layer).flatten(1)[kept].double().norm(dim=1).cpu(), None
 
 
 def relu_follows(net: MaskedNet, layer: str) -> bool:
@@ -101,7 +101,7 @@ def _channel_mean(net: MaskedNet, layer: str, cut: LayerData, kept: list[int],
     count = 0
     for (h, *_), _y in cut:
         a = act(h[:, kept]).transpose(0, 1).reshape(len(kept), -1)
-        total += stat(a).double().sum(1)
+        total += stat(a).double().sum(1).cpu()
         count += a.shape[1]
     if count == 0:
         raise CarlibError("the scoring set is empty; check method.scoring.size")

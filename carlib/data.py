@@ -186,7 +186,7 @@ def _load_cifar10(root: str | None, download: bool) -> tuple[Dataset, Dataset, l
 
 
 def _load_imagenet(
-    root: str | None, weights_transforms: Callable | None
+    root: str | None, weights_transforms: Callable | None, image_size: int | None
 ) -> tuple[Dataset, Dataset, list[str], int]:
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
@@ -202,10 +202,14 @@ def _load_imagenet(
         tf = weights_transforms
         crop = getattr(weights_transforms, "crop_size", 224)
         size = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
+        if image_size is not None and image_size != size:
+            raise CarlibError(f"data.image_size={image_size} differs from the {size} crop of the "
+                              f"pretrained weights' transforms; set data.image_size={size} (or "
+                              "model.weights=null for another size)")
     else:
-        tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+        size = 224 if image_size is None else int(image_size)
+        tf = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
                         T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        size = 224
     try:
         train = ImageFolder(str(Path(root) / "train"), transform=tf)
         test = ImageFolder(str(Path(root) / "val"), transform=tf)
@@ -237,19 +241,24 @@ def load_dataset(
     seed: int = 0,
     n_train: int | None = None,
     n_test: int | None = None,
-    image_size: int = 32,
+    image_size: int | None = None,
     color_label: bool = False,
     download: bool = False,
     weights_transforms: Callable | None = None,
 ) -> DataBundle:
     """Load `name` (one of DATASETS) as normalized train/test splits.
 
-    `image_size` and `color_label` apply to "shapes" only (other datasets keep their native
-    size: 28, 32, or the crop size). `n_train`/`n_test` take a seeded class-stratified subset
-    (for "shapes" they set how many images are generated: default 12000/2000).
+    `image_size` is the side of the square input images: "shapes" are generated at that size
+    (default 32); "imagenet" images are resized to image_size * 256/224 (shorter side) and
+    center-cropped to image_size (default 224, the standard preprocessing), unless
+    `weights_transforms` are given, whose crop size must then equal image_size (if set).
+    Fashion-MNIST and CIFAR-10 keep their native 28 and 32. `color_label` applies to "shapes"
+    only. `n_train`/`n_test` take a seeded class-stratified subset (for "shapes" they set how
+    many images are generated: default 12000/2000).
     """
     root = None if root in (None, "") else str(root)
     if name == "shapes":
+        image_size = 32 if image_size is None else image_size
         n_tr = 12000 if n_train is None else n_train
         n_te = 2000 if n_test is None else n_test
         x_tr, y_tr, classes = make_shapes(n_tr, seed, image_size, color_label)
@@ -266,7 +275,7 @@ def load_dataset(
         train, test, classes = _load_cifar10(root, download)
         channels, size, mean, std = 3, 32, CIFAR10_MEAN, CIFAR10_STD
     elif name == "imagenet":
-        train, test, classes, size = _load_imagenet(root, weights_transforms)
+        train, test, classes, size = _load_imagenet(root, weights_transforms, image_size)
         channels = 3
         mean = tuple(getattr(weights_transforms, "mean", IMAGENET_MEAN))
         std = tuple(getattr(weights_transforms, "std", IMAGENET_STD))

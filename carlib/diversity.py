@@ -18,7 +18,7 @@ from sklearn.cluster import KMeans
 
 def unit_filters(weight: torch.Tensor) -> torch.Tensor:
     """(F, ...) weights -> (F, D) unit vectors of the mean-free filters, float64."""
-    w = weight.detach().double().flatten(1)
+    w = weight.detach().cpu().double().flatten(1)
     w = w - w.mean(1, keepdim=True)
     return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 

@@ -37,7 +37,7 @@ def filter_gallery(weight: torch.Tensor, order: Sequence[int], n_pruned: int,
 
     Each filter is scaled on its own, symmetrically around gray: w / (2 max|w|) + 0.5.
     """
-    w = weight.detach().float()
+    w = weight.detach().cpu().float()
     rows = -(-len(order) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.95 + 0.5), squeeze=False)
     for ax in axes.flat:

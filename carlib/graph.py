@@ -128,10 +128,11 @@ class MaskedNet(nn.Module):
         gm = _trace(model)
         self.units, self.excluded = analyze(gm)
         self._mask_names: dict[str, str] = {}
+        dev = next(model.parameters()).device  # masks live with the weights
         nodes = {n.name: n for n in gm.graph.nodes}
         for i, unit in enumerate(self.units.values()):
             attr = f"carlib_mask_{i}"
-            gm.register_buffer(attr, torch.ones(1, unit.num_filters, 1, 1))
+            gm.register_buffer(attr, torch.ones(1, unit.num_filters, 1, 1, device=dev))
             point = nodes[unit.mask_node]
             with gm.graph.inserting_after(point):
                 get = gm.graph.get_attr(attr)

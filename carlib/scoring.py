@@ -201,7 +201,7 @@ def _zeroed_suffix(suffix: fx.GraphModule, h: torch.Tensor, extras: Sequence[tor
                    rows: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:
     """Suffix logits of image rows[i] with channel chans[i] zeroed, for each i."""
     hz = h[rows]
-    hz[torch.arange(len(rows)), chans] = 0
+    hz[torch.arange(len(rows), device=hz.device), chans] = 0
     return suffix(hz, *[e[rows] for e in extras])
 
 
@@ -423,7 +423,8 @@ def car_scores(model: nn.Module, layer: str, data: Iterable, metric: str = "top1
         if metric == "loss":
             raise CarlibError("per_class CAR needs an accuracy metric (top1 or top5), not loss")
         k = t.base_correct_per_class.numel()
-        n_k = torch.bincount(torch.cat([y.flatten() for _, y in data]), minlength=k)[:k].double()
+        ys = torch.cat([y.flatten().cpu() for _, y in data])
+        n_k = torch.bincount(ys, minlength=k)[:k].double()
         drops = (t.base_correct_per_class - t.correct_per_class).double() / n_k
         out = torch.full((n_filters, k), float("nan"), dtype=torch.float64)
         out[kept] = torch.where(n_k > 0, drops, torch.full_like(drops, float("nan")))

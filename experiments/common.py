@@ -8,7 +8,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,16 +28,47 @@ def output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def device(cfg: DictConfig) -> torch.device:
+    """The run's torch device, from the top-level `device` key (absent or null: cpu): cpu,
+    cuda, cuda:N, or auto (cuda when torch sees a GPU, else cpu)."""
+    name = str(cfg.get("device") or "cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise CarlibError(f"device='{name}' is not one of auto, cpu, cuda, cuda:N")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise CarlibError(f"device={name} but torch sees no CUDA GPU; use device=auto or cpu")
+    return torch.device(name)
+
+
+class OnDevice:
+    """The (inputs, targets) batches of `loader`, moved to `dev` as they are read."""
+
+    def __init__(self, loader: DataLoader, dev: torch.device) -> None:
+        self.loader, self.device = loader, dev
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            yield x.to(self.device), y.to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
 def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
     """Entry wrapper of every script: set torch's thread count (`threads`, null: torch's
-    default); turn bad input into one line on stderr and exit code 2; drop a run folder left
-    empty."""
+    default); check `device` and on CUDA switch TF32 off (float32 as on the CPU: CAR counts
+    and the scoring engine's guard assume float32 precision); turn bad input into one line on
+    stderr and exit code 2; drop a run folder left empty."""
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig) -> None:
         try:
             if cfg.get("threads"):
                 torch.set_num_threads(int(cfg.threads))
+            if device(cfg).type == "cuda":
+                torch.backends.cudnn.allow_tf32 = False
+                torch.backends.cuda.matmul.allow_tf32 = False
             fn(cfg)
         except (CarlibError, OmegaConfBaseException) as e:
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -102,10 +133,16 @@ def train_model(cfg: DictConfig, bundle: DataBundle, path: Path) -> torch.nn.Mod
 
 def get_model(cfg: DictConfig, bundle: DataBundle,
               check: Callable[[torch.nn.Module], object] = lambda m: None) -> torch.nn.Module:
-    """Pretrained weights, an explicit checkpoint, or the cached/trained model of this config.
+    """Pretrained weights, an explicit checkpoint, or the cached/trained model of this config,
+    on the run's `device` (trained, if it has to be, on the CPU).
 
     `check` runs on the (untrained) model before any training, to fail fast on bad input.
     """
+    return _model(cfg, bundle, check).to(device(cfg))
+
+
+def _model(cfg: DictConfig, bundle: DataBundle,
+           check: Callable[[torch.nn.Module], object]) -> torch.nn.Module:
     if cfg.model.get("weights") or cfg.model.get("weights_path"):
         model = build_model(**model_config(cfg, bundle))
         check(model)
@@ -120,14 +157,17 @@ def get_model(cfg: DictConfig, bundle: DataBundle,
 
 
 def scoring_and_heldout(cfg: DictConfig, bundle: DataBundle, out: Path
-                        ) -> tuple[DataLoader, DataLoader]:
-    """Loaders of the fixed scoring subset (train split; indices saved in `out`) and held-out."""
+                        ) -> tuple[Iterable, Iterable]:
+    """Loaders of the fixed scoring subset (train split; indices saved in `out`) and held-out,
+    their batches on the run's `device`."""
     s = cfg.method.scoring
     idx = scoring_subset(targets(bundle.train), s.size, s.seed)
     save_indices(out / "scoring_indices.txt", idx)
-    bs = cfg.data.batch_size
-    return (make_loader(Subset(bundle.train, idx.tolist()), bs),
-            make_loader(bundle.test, bs))
+    bs, dev = cfg.data.batch_size, device(cfg)
+    loaders = (make_loader(Subset(bundle.train, idx.tolist()), bs), make_loader(bundle.test, bs))
+    if dev.type == "cpu":
+        return loaders
+    return OnDevice(loaders[0], dev), OnDevice(loaders[1], dev)
 
 
 def start_wandb(cfg: DictConfig, out: Path, job_type: str):

@@ -70,7 +70,7 @@ def removal_orders(cfg: DictConfig, model, scoring, heldout, layers: dict[str, i
 
 def display_images(scoring, mean, std) -> torch.Tensor:
     """The scoring images un-normalized to [0, 1] for display (RGB; gray repeated)."""
-    x = torch.cat([b for b, _ in scoring])
+    x = torch.cat([b.cpu() for b, _ in scoring])
     x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
