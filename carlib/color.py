@@ -76,7 +76,10 @@ def channel_responses(net: MaskedNet, layer: str, data: Iterable) -> torch.Tenso
 @torch.no_grad()
 def response_color_index(net: MaskedNet, layer: str, data: Iterable, mean: Sequence[float],
                          std: Sequence[float], top: int = 20) -> torch.Tensor:
-    """Response-based color selectivity per filter of `layer`, over each filter's `top` images."""
+    """Response-based color selectivity per filter of `layer`, over each filter's `top` images.
+
+    NaN for a dead filter (no positive response on any image): its selectivity is undefined.
+    """
     batches = [(x, y) for x, y in data]
     color = channel_responses(net, layer, batches)
     gray = channel_responses(net, layer, [(to_grayscale(x, mean, std), y) for x, y in batches])
@@ -84,24 +87,35 @@ def response_color_index(net: MaskedNet, layer: str, data: Iterable, mean: Seque
     idx = color.topk(k, dim=0).indices  # (k, filters): each filter's top images in color
     c = color.gather(0, idx).mean(0)
     g = gray.gather(0, idx).mean(0)
-    return torch.where(c > 0, (1 - g / c.clamp_min(1e-12)).clamp(0, 1), torch.zeros_like(c))
+    return torch.where(c > 0, (1 - g / c.clamp_min(1e-12)).clamp(0, 1),
+                       torch.full_like(c, float("nan")))
 
 
-def color_count(order: Sequence[int], selective: torch.Tensor, top_k: int) -> dict[str, float]:
+def color_count(order: Sequence[int], selective: torch.Tensor, top_k: int,
+                dead: torch.Tensor | None = None) -> dict[str, float]:
     """Color-selective filters among the first `top_k` of a pruning order, against chance.
 
-    `selective` is a bool per filter of the layer. `p_value` is the exact permutation test
-    (hypergeometric upper tail): the chance that `top_k` filters drawn at random from the
-    layer include at least as many color-selective ones; `p_value_fewer` the lower tail (at
-    most as many), for orders that prune color-selective filters last.
+    `selective` is a bool per filter of the layer. `dead` (bool per filter, optional) marks
+    filters that never respond: they are neither color- nor shape-selective, so they are left
+    out of the count and of the population (`dead_in_top_k` says how many of the top-K were
+    dead; `live_in_top_k` are counted). `p_value` is the exact permutation test
+    (hypergeometric upper tail): the chance that `live_in_top_k` filters drawn at random from
+    the layer's live filters include at least as many color-selective ones; `p_value_fewer`
+    the lower tail (at most as many), for orders that prune color-selective filters last.
     """
-    n, c = len(selective), int(selective.sum())
+    dead = torch.zeros_like(selective) if dead is None else dead.bool()
+    live = ~dead
+    n, c = int(live.sum()), int((selective & live).sum())
     k = min(top_k, len(order))
-    observed = int(selective[list(order[:k])].sum())
-    return {"top_k": k, "color_selective": observed, "layer_filters": n,
-            "layer_color_selective": c, "base_rate": c / n, "expected_random": k * c / n,
-            "p_value": float(hypergeom.sf(observed - 1, n, c, k)),
-            "p_value_fewer": float(hypergeom.cdf(observed, n, c, k))}
+    top = list(order[:k])
+    k_live = int(live[top].sum())
+    observed = int((selective & live)[top].sum())
+    return {"top_k": k, "dead_in_top_k": k - k_live, "live_in_top_k": k_live,
+            "color_selective": observed, "layer_filters": len(selective), "layer_live": n,
+            "layer_color_selective": c, "base_rate": c / n if n else float("nan"),
+            "expected_random": k_live * c / n if n else float("nan"),
+            "p_value": float(hypergeom.sf(observed - 1, n, c, k_live)),
+            "p_value_fewer": float(hypergeom.cdf(observed, n, c, k_live))}
 
 
 def plot_color_counts(counts, title: str = ""):

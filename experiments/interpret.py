@@ -103,23 +103,26 @@ def main(cfg: DictConfig) -> None:
                               "is not: use auto or response")
         index, thr = (wgt, ic.color.weight_threshold) if use_weight else (
             resp, ic.color.response_threshold)
-        selective = index >= thr
-        labels = ["C" if s else "S" for s in selective.tolist()]
+        dead = torch.isnan(resp)  # never responds on the scoring images
+        selective = (index >= thr) & ~dead
+        labels = ["D" if d else "C" if s else "S" for s, d in zip(selective.tolist(),
+                                                                   dead.tolist())]
         filters.append(pd.DataFrame({
             "layer": layer, "filter": range(n), "response_index": resp.tolist(),
             "weight_index": wgt.tolist() if wgt is not None else float("nan"),
             "index_used": "weight" if use_weight else "response", "threshold": thr,
-            "color_selective": selective.tolist()}))
+            "color_selective": selective.tolist(), "dead": dead.tolist()}))
         km = cluster_labels(conv.weight, min(ic.diversity_clusters, n), cfg.seed)
         for crit in cfg.method.criteria:
             t = traces[(traces.layer == layer) & (traces.criterion == crit)]
             removed = [int(r) for r in t.removed_filter.dropna()]
             top = removed[:min(ic.top_k, len(removed))]
             counts.append({"layer": layer, "criterion": crit, "index": filters[-1].index_used[0],
-                           "threshold": thr, **color_count(removed, selective, ic.top_k),
-                           # threshold-free: the color index averaged over the top-K / layer
-                           "index_mean_top_k": float(index[top].mean()),
-                           "index_mean_layer": float(index.mean())})
+                           "threshold": thr, **color_count(removed, selective, ic.top_k, dead),
+                           # threshold-free: the color index averaged over the live top-K /
+                           # the layer's live filters
+                           "index_mean_top_k": float(index[top][~dead[top]].mean()),
+                           "index_mean_layer": float(index[~dead].mean())})
             for step in range(len(removed) + 1):
                 kept = sorted(set(range(n)) - set(removed[:step]))
                 diversity.append({"layer": layer, "criterion": crit, "step": step,

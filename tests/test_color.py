@@ -74,3 +74,22 @@ def test_color_count_exact_permutation_p_value():
         (math.comb(4, 3) + 2 * math.comb(4, 2)) / math.comb(6, 3))  # 0 or 1 selective of 3
     r = color_count([3, 4], selective, top_k=2)
     assert r["p_value_fewer"] == pytest.approx(math.comb(4, 2) / math.comb(6, 2))
+
+
+def test_color_count_leaves_dead_filters_out():
+    selective = torch.tensor([True, True, False, False, False, False])
+    dead = torch.tensor([False, False, False, False, True, True])
+    r = color_count([4, 5, 0, 2], selective, top_k=3, dead=dead)  # 2 dead, then 0 (color)
+    assert (r["dead_in_top_k"], r["live_in_top_k"], r["color_selective"]) == (2, 1, 1)
+    assert r["layer_live"] == 4 and r["base_rate"] == pytest.approx(0.5)
+    assert r["expected_random"] == pytest.approx(0.5)
+    assert r["p_value"] == pytest.approx(0.5)  # 1 draw from 4 live filters, 2 selective
+
+
+def test_response_index_is_nan_for_a_dead_filter():
+    x = torch.rand(40, 3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = OneLayer().double()
+    model.conv1.weight.data[0, :, 0, 0] = -torch.tensor(LUMA)  # negative on positive images
+    csi = response_color_index(MaskedNet(model), "conv1", [(x, torch.zeros(40, dtype=torch.long))],
+                               mean=(0, 0, 0), std=(1, 1, 1), top=10)
+    assert torch.isnan(csi[0]) and csi[1].item() == pytest.approx(1.0)
