@@ -119,28 +119,37 @@ def color_count(order: Sequence[int], selective: torch.Tensor, top_k: int,
 
 
 def plot_color_counts(counts, title: str = ""):
-    """Bars: color-selective filters among the top-K pruned, per layer and criterion; the
-    dashed tick is the count expected from random pruning (K x the layer's base rate)."""
+    """Bars: color-selective filters among the live top-K pruned, per layer and criterion, over
+    a grey bar of the live top-K; the dashed tick is the count expected from random pruning
+    (live top-K x the layer's live base rate). Labels: count/live, dead filters, p-value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers = list(dict.fromkeys(counts["layer"]))
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.8 * len(layers), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(layers), figsize=(5.6 * len(layers), 3.9), squeeze=False)
     for ax, layer in zip(axes[0], layers):
         sub = counts[counts["layer"] == layer].reset_index(drop=True)
+        live = sub["live_in_top_k"] if "live_in_top_k" in sub else sub["top_k"]
+        ax.bar(sub.index, live, color="0.85", label="live filters in top-K")
         ax.bar(sub.index, sub["color_selective"], color="tab:orange", label="color-selective")
         ax.hlines(sub["expected_random"], sub.index - 0.4, sub.index + 0.4, colors="k",
                   linestyles="--", label="expected at random")
         for i, r in sub.iterrows():
-            ax.text(i, r["color_selective"] + 0.2, f"{r['color_selective']}/{r['top_k']}\n"
-                    f"p={r['p_value']:.2g}", ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(sub.index, sub["criterion"])
-        ax.set_ylim(0, max(sub["top_k"]) * 1.15)
-        ax.set_title(f"{layer} ({sub['index'][0]} index >= {sub['threshold'][0]})", fontsize=9)
-        ax.set_ylabel("filters among top-K pruned")
-    axes[0][0].legend(fontsize=7, frameon=False, loc="upper left")
-    fig.suptitle(title, fontsize=10)
+            dead = int(r.get("dead_in_top_k", 0) or 0)
+            p = min(r["p_value"], r.get("p_value_fewer", 1.0))
+            tail = "+" if r["p_value"] <= r.get("p_value_fewer", 1.0) else "-"
+            ax.text(i, live[i] + 0.2, f"{r['color_selective']}/{live[i]}"
+                    + (f"\n{dead} dead" if dead else "") + f"\np{tail}={p:.1g}",
+                    ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(sub.index, [c.replace("_", "\n") for c in sub["criterion"]], fontsize=7)
+        ax.set_ylim(0, max(sub["top_k"]) * 1.45)
+        ax.set_title(f"{layer}: top {max(sub['top_k'])} pruned ({sub['index'][0]} index >= "
+                     f"{sub['threshold'][0]})", fontsize=9)
+        ax.set_ylabel("filters")
+    axes[0][-1].legend(fontsize=7, frameon=False, loc="upper right", ncol=1)
+    fig.suptitle(f"{title}\np+ / p-: permutation p-value for more / fewer color-selective "
+                 "filters than random pruning", fontsize=9)
     fig.tight_layout()
     return fig
