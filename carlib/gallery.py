@@ -60,18 +60,23 @@ def top_images_gallery(images: torch.Tensor, responses: torch.Tensor, order: Seq
     """For each filter in `order` (one row), its `top` highest-responding images.
 
     `images` are displayable RGB in [0, 1], shape (N, 3, H, W); `responses` is (N, filters).
+    A filter with no positive response (dead) gets an empty row marked "no response".
     """
     rows = len(order)
-    fig, axes = plt.subplots(rows, top, figsize=(top * 0.9, rows * 0.95 + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, top, figsize=(top * 0.9, rows * 0.95 + 1.0), squeeze=False)
     for r, i in enumerate(order):
         best = responses[:, i].topk(min(top, len(images))).indices
+        alive = bool((responses[:, i] > 0).any())
         color = PRUNED if r < n_pruned else KEPT
         for c in range(top):
             ax = axes[r][c]
-            if c < len(best):
+            if c < len(best) and alive:
                 ax.imshow(images[best[c]].permute(1, 2, 0).clamp(0, 1).numpy())
+            elif c == 1 and not alive:
+                ax.text(0.5, 0.5, "no response", ha="center", va="center", fontsize=7,
+                        transform=ax.transAxes)
             _frame(ax, color, _label(i, labels) if c == 0 else "")
     fig.suptitle(f"{title}\nrows: filters in removal order (red pruned, green kept); "
                  "columns: top-responding images", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / (rows * 0.95 + 1.0)))  # room for the title
     return fig
