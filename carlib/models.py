@@ -181,7 +181,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_cfg: dict, meta: d
     """Save weights with the model config that rebuilds them (atomic: write, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel jobs: one file each
     torch.save({"state_dict": model.state_dict(), "model_cfg": model_cfg, "meta": meta}, tmp)
     os.replace(tmp, path)
 

@@ -1,4 +1,5 @@
-"""Plotting helpers over tidy DataFrames: a metric against filters remaining; rank agreement."""
+"""Plotting helpers over tidy DataFrames: a metric against filters remaining; rank agreement;
+end-of-run accuracy per layer and criterion."""
 
 from __future__ import annotations
 
@@ -15,27 +16,36 @@ STYLE = {"car": ("tab:red", "-"), "random": ("tab:gray", "--"), "l1": ("tab:blue
 
 
 def plot_curves(df: pd.DataFrame, y: str = "heldout_top1", panel: str = "layer",
-                hue: str = "criterion", title: str | None = None) -> plt.Figure:
+                hue: str = "criterion", title: str | None = None,
+                row: str | None = None) -> plt.Figure:
     """`y` against filters remaining: one panel per `panel` value, one curve per `hue` value.
 
     Rows sharing (panel, hue, filters_remaining) (e.g. several seeds) are averaged, with the
-    min-max band shaded. Pruning proceeds left to right (x axis inverted).
+    min-max band shaded. Pruning proceeds left to right (x axis inverted). `row`, if given, is a
+    column whose values (e.g. models or configurations of a sweep) each get a row of panels.
     """
     panels = list(dict.fromkeys(df[panel]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
-    for ax, p in zip(axes[0], panels):
-        sub = df[df[panel] == p]
-        for h, g in sub.groupby(hue, sort=False):
-            color, ls = STYLE.get(h, (None, "-"))
-            s = g.groupby("filters_remaining")[y].agg(["mean", "min", "max"]).sort_index()
-            ax.plot(s.index, s["mean"] * 100, ls, color=color, label=h, lw=1.8)
-            if (s["max"] > s["min"]).any():
-                ax.fill_between(s.index, s["min"] * 100, s["max"] * 100, color=color, alpha=0.15)
-        ax.invert_xaxis()
-        ax.set_title(str(p))
-        ax.set_xlabel("filters remaining")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{y.replace('_', ' ')} (%)")
+    rows = list(dict.fromkeys(df[row])) if row else [None]
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4.6 * len(panels), 3.8 * len(rows)),
+                             squeeze=False)
+    for i, r in enumerate(rows):
+        for ax, p in zip(axes[i], panels):
+            sub = df[(df[panel] == p) & (df[row] == r if row else True)]
+            for h, g in sub.groupby(hue, sort=False):
+                color, ls = STYLE.get(h, (None, "-"))
+                s = g.groupby("filters_remaining")[y].agg(["mean", "min", "max"]).sort_index()
+                ax.plot(s.index, s["mean"] * 100, ls, color=color, label=h, lw=1.8)
+                if (s["max"] > s["min"]).any():
+                    ax.fill_between(s.index, s["min"] * 100, s["max"] * 100, color=color,
+                                    alpha=0.15)
+            ax.invert_xaxis()
+            if r is None:
+                ax.set_title(str(p))
+            else:
+                ax.set_title(f"{r}\n{p}", fontsize=9)
+            ax.set_xlabel("filters remaining")
+            ax.grid(alpha=0.3)
+        axes[i][0].set_ylabel(f"{y.replace('_', ' ')} (%)")
     axes[0][-1].legend(title=hue, frameon=False)
     if title:
         fig.suptitle(title)
@@ -48,8 +58,11 @@ def plot_rank_agreement(df: pd.DataFrame, reference: str = "car",
     """Heatmaps (layers x criteria) of Spearman and Kendall correlation with `reference`.
 
     `df` is `carlib.agreement.rank_agreement`'s frame; each cell is annotated with its value
-    (1 = the same ranking as the reference, 0 = unrelated, -1 = reversed).
+    (1 = the same ranking as the reference, 0 = unrelated, -1 = reversed). Rows sharing
+    (layer, criterion), e.g. several seeds, are averaged.
     """
+    df = df.groupby(["layer", "criterion"], sort=False)[["spearman", "kendall"]].mean(
+    ).reset_index()
     layers = list(dict.fromkeys(df["layer"]))
     names = list(dict.fromkeys(df["criterion"]))
     fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.9 * len(names), 1.6 + 0.55 * len(layers)),
@@ -67,4 +80,37 @@ def plot_rank_agreement(df: pd.DataFrame, reference: str = "car",
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_summary(df: pd.DataFrame, y: str = "heldout_top1", title: str | None = None
+                 ) -> plt.Figure:
+    """Bars of `{y}_mean` (error bar: `{y}_std`, n in the label) per criterion, one panel per
+    layer, with `{y}_full` (the unpruned network) as a dashed tick if present; `df` is a
+    summary table (one row per layer, criterion and configuration, experiments/aggregate.py).
+    A `condition` column, if present, labels each bar with its configuration."""
+    layers = list(dict.fromkeys(df["layer"]))
+    bars = int(df.groupby("layer").size().max())
+    fig, axes = plt.subplots(1, len(layers), figsize=(len(layers) * (1.2 + 0.75 * bars), 3.8),
+                             squeeze=False, sharey=True)
+    for ax, layer in zip(axes[0], layers):
+        sub = df[df["layer"] == layer].reset_index(drop=True)
+        colors = [STYLE.get(c, ("tab:gray", "-"))[0] for c in sub["criterion"]]
+        err = sub[f"{y}_std"].fillna(0) * 100
+        ax.bar(sub.index, sub[f"{y}_mean"] * 100, yerr=err, color=colors, capsize=3, alpha=0.85)
+        if f"{y}_full" in sub:
+            ax.hlines(sub[f"{y}_full"] * 100, sub.index - 0.4, sub.index + 0.4, colors="k",
+                      linestyles="--", label="full network")
+        labels = [f"{c}\n{cond}" if "condition" in sub else c
+                  for c, cond in zip(sub["criterion"], sub.get("condition", sub["criterion"]))]
+        ax.set_xticks(sub.index, [f"{lab}\nn={n}" for lab, n in zip(labels, sub["n"])],
+                      fontsize=7)
+        ax.set_title(str(layer))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel(f"{y.replace('_', ' ')} at the end (%)")
+    if f"{y}_full" in df:
+        axes[0][0].legend(fontsize=7, frameon=False, loc="lower left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     return fig

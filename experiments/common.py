@@ -55,6 +55,13 @@ class OnDevice:
         return len(self.loader)
 
 
+def _no_tf32() -> None:
+    """float32 on CUDA. Module level on purpose: the joblib/submitit launchers pickle guard's
+    wrapper, and cloudpickle cannot pickle the torch.backends.cudnn module object."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
     """Entry wrapper of every script: set torch's thread count (`threads`, null: torch's
     default); check `device` and on CUDA switch TF32 off (float32 as on the CPU: CAR counts
@@ -67,8 +74,7 @@ def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
             if cfg.get("threads"):
                 torch.set_num_threads(int(cfg.threads))
             if device(cfg).type == "cuda":
-                torch.backends.cudnn.allow_tf32 = False
-                torch.backends.cuda.matmul.allow_tf32 = False
+                _no_tf32()
             fn(cfg)
         except (CarlibError, OmegaConfBaseException) as e:
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -1,0 +1,204 @@
+"""Aggregate a sweep: concatenate the tidy CSVs of its runs and summarize the greedy runs.
+
+Takes a multirun folder (`python experiments/prune.py -m ...`; any folder holding Hydra run
+folders, found by their `.hydra/`; failing those, its subfolders holding CSVs, e.g. runs copied
+to results/<study>/<run>/) or several run folders, and writes to `--out` (default: the one
+folder given):
+
+- `<name>.csv` for every CSV name the runs have (curves.csv, rank_agreement.csv,
+  per_class_car.csv, color_counts.csv, diversity.csv, cost.csv, ...): the rows of all runs,
+  with `run` (the run folder, relative to the input) and each command-line override of the run
+  (`.hydra/overrides.yaml`, if any, e.g. `method.metric`) as columns, unless already a column;
+- `runs.csv`: one row per run with its overrides;
+- `summary.csv` (from curves.csv): held-out top-1 at the end of each greedy run, mean, std and n
+  over seeds (`--over`) per model, dataset, layer, criterion and configuration (the overrides
+  that differ between runs, e.g. a swept `method.metric`).
+
+    python experiments/aggregate.py outputs/multirun/2026-01-01_12-00-00
+    python experiments/aggregate.py outputs/prune/run1 outputs/prune/run2 --out results/study
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from carlib.errors import CarlibError
+from carlib.results import write_csv
+
+RUNS, SUMMARY = "runs.csv", "summary.csv"
+SKIP_DIRS = {".hydra", "state", "wandb", ".submitit"}   # never run folders or results
+# Overrides (and their sub-keys) that are never a configuration of their own: what a row
+# already names (criterion, layer), what is averaged over (seed), and what leaves the
+# numbers unchanged (where files go, logging, progress bars, resuming, the CAR engine's mode).
+NOT_CONDITIONS = ("run", "seed", "method.criteria", "method.layers", "paths", "logger",
+                  "progress", "method.resume", "method.state_dir", "method.scoring.mode")
+# Columns of summary.csv other than the configuration columns.
+SUMMARY_COLUMNS = ("model", "dataset", "layer", "criterion", "filters_remaining", "n",
+                   "heldout_top1_mean", "heldout_top1_std", "heldout_top1_full")
+
+
+def _natural(path: Path) -> list[tuple[int, int | str]]:
+    """Sort key: job folders 0, 1, ..., 10 in numeric order."""
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", str(path)) if t]
+
+
+def _csv_folders(root: Path) -> list[Path]:
+    """Folders strictly below `root` with CSV files (not inside SKIP_DIRS)."""
+    return sorted({p.parent for p in root.rglob("*.csv") if p.parent != root
+                   and not SKIP_DIRS & set(p.relative_to(root).parts)}, key=_natural)
+
+
+def find_runs(paths: Sequence[Path]) -> list[Path]:
+    """Run folders: each given folder that is a Hydra run (has `.hydra/`), else the runs inside
+    it; failing those, the folders below it holding CSVs (e.g. runs copied to results/)."""
+    runs = []
+    for p in paths:
+        if not p.is_dir():
+            raise CarlibError(f"{p} is not a folder; give a multirun folder or run folders")
+        found = [p] if (p / ".hydra").is_dir() else sorted(
+            (d.parent for d in p.rglob(".hydra") if d.is_dir()), key=_natural)
+        found = found or _csv_folders(p)
+        if not found:
+            raise CarlibError(f"no run folders (with .hydra/ or CSV files) in {p}; give the "
+                              "folder of a multirun or of experiments/*.py runs")
+        runs += found
+    return list(dict.fromkeys(runs))
+
+
+def run_names(runs: Sequence[Path]) -> list[str]:
+    """Short unique names: each run's path relative to the runs' common folder."""
+    if len(runs) == 1:
+        return [runs[0].name]
+    common = Path(*[parts[0] for parts in zip(*(r.resolve().parts for r in runs))
+                    if len(set(parts)) == 1])
+    return [str(r.resolve().relative_to(common)) for r in runs]
+
+
+def overrides(run: Path) -> dict[str, str]:
+    """The run's task overrides {key: value as typed}; deletions (~key) are left out."""
+    path = run / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    lines = [str(x) for x in OmegaConf.load(path)]
+    parsed = OverridesParser.create().parse_overrides(lines)
+    return {o.key_or_group: o.input_line.split("=", 1)[1] for o in parsed if not o.is_delete()}
+
+
+def condition_columns(df: pd.DataFrame, candidates: Iterable[str],
+                      over: Sequence[str] = ()) -> list[str]:
+    """The candidate columns of `df` that take more than one value (configurations), other
+    than NOT_CONDITIONS (and their sub-keys) and `over`."""
+    def skip(c: str) -> bool:
+        return c in over or any(c == k or c.startswith(k + ".") for k in NOT_CONDITIONS)
+
+    return [c for c in dict.fromkeys(candidates)
+            if c in df and not skip(c) and df[c].nunique(dropna=False) > 1]
+
+
+def condition_label(df: pd.DataFrame, columns: Sequence[str]) -> pd.Series:
+    """One string per row naming its configuration, e.g. 'method.metric=top1, model=lenet5'."""
+    return df[list(columns)].astype("string").fillna("-").apply(
+        lambda r: ", ".join(f"{c}={v}" for c, v in r.items()), axis=1)
+
+
+def pruned_unit(curves: pd.DataFrame) -> pd.Series:
+    """What each row's greedy run pruned: its layer, or for a network-wide run (rows with
+    `layer_remaining`) the layers it removed filters from, joined with '+'."""
+    unit = curves["layer"].astype("string")
+    if "layer_remaining" not in curves:
+        return unit
+    keys = ["run"] if "run" in curves else []
+    for _, g in curves.groupby(keys + ["criterion", "seed"], sort=False, dropna=False):
+        if g["layer_remaining"].notna().any():
+            unit[g.index] = "+".join(sorted(g["layer"].dropna().astype(str).unique()))
+    return unit
+
+
+def summarize(curves: pd.DataFrame, conditions: Sequence[str] = ()) -> pd.DataFrame:
+    """Held-out top-1 at the end of every greedy run: mean, std and n over the runs sharing
+    model, dataset, configuration (`conditions`), layer and criterion (e.g. seeds); plus the
+    mean held-out top-1 of the full network (step 0) as `heldout_top1_full`."""
+    df = curves.assign(layer=pruned_unit(curves))
+    run_keys = [c for c in ("run", "model", "dataset", *conditions, "layer", "criterion", "seed")
+                if c in df]
+    by_run = df.groupby(run_keys, sort=False, dropna=False)
+    ends = df.loc[by_run["step"].idxmax()].reset_index(drop=True)
+    ends["heldout_top1_full"] = df.loc[by_run["step"].idxmin(), "heldout_top1"].to_numpy()
+    keys = [c for c in ("model", "dataset", *conditions, "layer", "criterion",
+                        "filters_remaining") if c in ends]
+    out = ends.groupby(keys, sort=False, dropna=False).agg(
+        n=("heldout_top1", "size"), heldout_top1_mean=("heldout_top1", "mean"),
+        heldout_top1_std=("heldout_top1", "std"),
+        heldout_top1_full=("heldout_top1_full", "mean"))
+    return out.reset_index()
+
+
+def _read(path: Path) -> pd.DataFrame:
+    # nullable dtypes: integer columns with gaps (removed_filter at step 0) stay integers
+    return pd.read_csv(path, dtype_backend="numpy_nullable")
+
+
+def aggregate(paths: Sequence[Path], out: Path | None = None,
+              over: Sequence[str] = ("seed",)) -> list[Path]:
+    """Write the concatenated tables, runs.csv and summary.csv to `out`; returns their paths."""
+    runs = find_runs(paths)
+    if out is None:
+        if len(paths) != 1 or (paths[0] / ".hydra").is_dir():
+            raise CarlibError("give --out DIR: the default (the one multirun folder given) "
+                              "does not apply to run folders")
+        out = paths[0]
+    if any(out.resolve() == r.resolve() for r in runs):
+        raise CarlibError(f"--out {out} is a run folder; its CSVs would be overwritten: choose "
+                          "another folder")
+    names = run_names(runs)
+    table = pd.DataFrame([{"run": n, **overrides(r)} for n, r in zip(names, runs)])
+    tables: dict[str, list[pd.DataFrame]] = {}
+    for name, run in zip(names, runs):
+        extra = table[table["run"] == name].drop(columns="run").dropna(axis=1)
+        for csv in sorted(run.glob("*.csv")):
+            df = _read(csv)
+            df.insert(0, "run", name)
+            for col, value in extra.iloc[0].items():
+                if col not in df:
+                    df[col] = value
+            tables.setdefault(csv.name, []).append(df)
+    if not tables:
+        raise CarlibError(f"no CSV files in the {len(runs)} run folders found; nothing to "
+                          "aggregate")
+    written = [write_csv(table, out / RUNS)]
+    for name, frames in tables.items():
+        written.append(write_csv(pd.concat(frames, ignore_index=True), out / name))
+    if "curves.csv" in tables:
+        curves = _read(out / "curves.csv")
+        conds = condition_columns(curves, table.columns, over)
+        written.append(write_csv(summarize(curves, conds), out / SUMMARY))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("paths", nargs="+", type=Path, help="a multirun folder, or run folders")
+    ap.add_argument("--out", type=Path, help="output folder (default: the one folder given)")
+    ap.add_argument("--over", nargs="+", default=["seed"],
+                    help="columns averaged over in summary.csv (default: seed)")
+    args = ap.parse_args(argv)
+    try:
+        written = aggregate(args.paths, args.out, args.over)
+    except CarlibError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in written:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

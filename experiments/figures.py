@@ -1,0 +1,239 @@
+"""Regenerate every figure of a results folder from the CSVs beside it.
+
+Walks the folders given (recursively, skipping .hydra/, state/, wandb/, .submitit/) and for every
+CSV named in FIGURES writes its figure(s) next to it. Aggregated folders
+(experiments/aggregate.py) work too: seeds are averaged (curves: mean with the min-max band),
+and configurations that differ between the runs (the override columns of runs.csv beside the
+CSV, or several models/datasets) get their own row of panels or their own bars. A CSV that
+cannot be plotted is named on stderr (exit status 2); the other figures are written all the same.
+Gallery figures (experiments/interpret.py) need the model and are not regenerated.
+
+    python experiments/figures.py results/               # every study under results/
+    python experiments/figures.py outputs/multirun/2026-01-01_12-00-00
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from aggregate import (
+    RUNS,
+    SKIP_DIRS,
+    SUMMARY_COLUMNS,
+    condition_columns,
+    condition_label,
+    pruned_unit,
+)
+
+from carlib.classes import plot_class_importance
+from carlib.color import plot_color_counts
+from carlib.errors import CarlibError
+from carlib.plotting import plot_curves, plot_rank_agreement, plot_summary
+from carlib.results import save_figure
+
+
+@dataclass
+class Table:
+    """A CSV to plot: its rows, the columns that tell configurations apart, a title prefix."""
+
+    df: pd.DataFrame
+    conditions: list[str]
+    tag: str
+
+
+def _with_condition(t: Table) -> tuple[pd.DataFrame, str | None]:
+    """The rows with a `condition` label column when configurations differ (else no column)."""
+    if not t.conditions:
+        return t.df, None
+    return t.df.assign(condition=condition_label(t.df, t.conditions)), "condition"
+
+
+def _distinct(t: Table, keys: Sequence[str]) -> list[str]:
+    """Columns telling apart rows that share `keys`: the configurations, plus the seed when
+    seeds differ, else the run when runs differ (runs copied without their overrides). Rows
+    left alike (one seed's per-class CAR from two runs: the same model) are averaged."""
+    cols, df = list(t.conditions), t.df
+    if df.duplicated([*keys, *cols]).any():
+        extra = [c for c in ("seed", "run") if c in df and df[c].nunique() > 1]
+        cols += extra[:1]
+    return cols
+
+
+def curves_figures(t: Table) -> dict[str, plt.Figure]:
+    df, row = _with_condition(t)
+    df = df.assign(layer=pruned_unit(df))
+    glob = "layer_remaining" in df and df["layer_remaining"].notna().any()
+    what = "network-wide greedy pruning" if glob else "greedy pruning, each layer alone"
+    return {"curves.png": plot_curves(df, title=f"{t.tag}{what}", row=row)}
+
+
+def rank_agreement_figures(t: Table) -> dict[str, plt.Figure]:
+    df, row = _with_condition(t)
+    if row:
+        df = df.assign(layer=df["layer"].astype(str) + "\n" + df[row])
+    return {"rank_agreement.png": plot_rank_agreement(
+        df, title=f"{t.tag}rank agreement with CAR (full layers)")}
+
+
+def color_counts_figures(t: Table) -> dict[str, plt.Figure]:
+    cols = _distinct(t, ["layer", "criterion"])
+    df = t.df
+    if cols:
+        df = df.assign(criterion=df["criterion"].astype(str) + "\n"
+                       + condition_label(df, cols).str.replace(", ", "\n"))
+    return {"color_counts.png": plot_color_counts(df, title=f"{t.tag}color-selective filters "
+                                                              "among the top-K pruned")}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+
+
+def class_matrix(rows: pd.DataFrame) -> tuple[torch.Tensor, list[str]]:
+    """The (filters, classes) per-class CAR matrix of one layer from its tidy rows
+    (`carlib.classes.per_class_frame`), and the class names; filters without rows (removed)
+    are NaN, and rows repeated (several runs of one model) are averaged."""
+    names = rows.drop_duplicates("class_index").sort_values("class_index")
+    col = {int(k): j for j, k in enumerate(names["class_index"])}
+    m = torch.full((int(rows["filter"].max()) + 1, len(col)), float("nan"), dtype=torch.float64)
+    mean = rows.groupby(["filter", "class_index"])["car"].mean()
+    for (f, k), v in mean.items():
+        m[int(f), col[int(k)]] = float(v)
+    return m, [str(c) for c in names["class_name"]]
+
+
+def per_class_figures(t: Table) -> dict[str, plt.Figure]:
+    """class_importance_<layer>[_<configuration>].png: the filters x classes matrix of each
+    layer (and configuration or seed), rebuilt from the tidy rows."""
+    cols = _distinct(t, ["layer", "filter", "class_index"])
+    figs = {}
+    groups = t.df.groupby(cols, sort=False, dropna=False) if cols else [((), t.df)]
+    for _, g in groups:
+        label = condition_label(g.head(1), cols).iat[0] if cols else ""
+        for layer, rows in g.groupby("layer", sort=False):
+            m, classes = class_matrix(rows)
+            name = f"class_importance_{layer}" + (f"_{_slug(label)}" if label else "")
+            figs[f"{name}.png"] = plot_class_importance(
+                m, classes, f"{t.tag}{layer}" + (f" ({label})" if label else ""))
+    return figs
+
+
+def diversity_figures(t: Table) -> dict[str, plt.Figure]:
+    df, row = _with_condition(t)
+    return {"diversity.png": plot_curves(df, y="clusters_covered", row=row,
+                                         title=f"{t.tag}share of filter clusters kept")}
+
+
+def summary_figures(t: Table) -> dict[str, plt.Figure]:
+    conds = [c for c in t.df if c not in SUMMARY_COLUMNS]
+    df = t.df
+    if conds:  # bar labels: the value alone for one configuration column, else key=value lines
+        label = (df[conds[0]].astype("string").fillna("-") if len(conds) == 1
+                 else condition_label(df, conds).str.replace(", ", "\n"))
+        df = df.assign(condition=label)
+    return {"summary.png": plot_summary(df, title=f"{t.tag}held-out top-1 after pruning "
+                                                  "(mean ± std over seeds)")}
+
+
+def compression_figures(t: Table) -> dict[str, plt.Figure]:
+    """compression.png via `plot_compression(df)` of carlib.compression (or, failing that, of
+    experiments/compress.py); skipped when neither has it."""
+    try:
+        from carlib.compression import plot_compression
+    except ImportError:
+        try:
+            from compress import plot_compression
+        except ImportError:
+            print("compression.csv: no plot_compression in carlib.compression or "
+                  "experiments/compress.py; skipped", file=sys.stderr)
+            return {}
+    return {"compression.png": plot_compression(t.df)}
+
+
+# CSV file name -> the function giving its figures {png file name: figure}
+FIGURES: dict[str, Callable[[Table], dict[str, plt.Figure]]] = {
+    "curves.csv": curves_figures,
+    "rank_agreement.csv": rank_agreement_figures,
+    "color_counts.csv": color_counts_figures,
+    "per_class_car.csv": per_class_figures,
+    "diversity.csv": diversity_figures,
+    "summary.csv": summary_figures,
+    "compression.csv": compression_figures,
+}
+
+
+def find_csvs(root: Path) -> list[Path]:
+    """The CSVs under `root` (or `root` itself) that FIGURES knows, in path order."""
+    if root.is_file():
+        return [root] if root.name in FIGURES else []
+    if not root.is_dir():
+        raise CarlibError(f"{root} does not exist; give a results or run folder")
+    return sorted(p for p in root.rglob("*.csv") if p.name in FIGURES
+                  and not SKIP_DIRS & set(p.relative_to(root).parts))
+
+
+def make_figures(csv: Path) -> dict[str, plt.Figure]:
+    """The figures of one CSV (file name in FIGURES), {png name: figure}; {} if it has no rows."""
+    df = pd.read_csv(csv, dtype_backend="numpy_nullable")
+    if df.empty:
+        return {}
+    runs = csv.parent / RUNS
+    candidates = ["model", "dataset", *(pd.read_csv(runs, nrows=0).columns if runs.is_file()
+                                        else [])]
+    tag = " on ".join(str(df[c].iat[0]) for c in ("model", "dataset")
+                      if c in df and df[c].nunique() == 1)
+    try:
+        return FIGURES[csv.name](Table(df, condition_columns(df, candidates),
+                                       f"{tag}: " if tag else ""))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CarlibError(f"{csv}: cannot plot it ({type(e).__name__}: {e}); is it an "
+                          "unchanged output of carlib's experiments?") from e
+
+
+def write_figures(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """Write the figures of every known CSV under `paths` beside it; returns the PNG paths
+    and one line per CSV that could not be plotted."""
+    written, failed = [], []
+    for root in paths:
+        csvs = find_csvs(root)
+        if not csvs:
+            print(f"{root}: no CSVs with figures ({', '.join(FIGURES)})", file=sys.stderr)
+        for csv in csvs:
+            try:
+                figs = make_figures(csv)
+            except CarlibError as e:
+                failed.append(str(e))
+                continue
+            for name, fig in figs.items():
+                written.append(save_figure(fig, csv.parent / name))
+                plt.close(fig)
+    return written, failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("paths", nargs="*", type=Path, default=[Path("results")],
+                    help="results, run or multirun folders (default: results)")
+    args = ap.parse_args(argv)
+    try:
+        written, failed = write_figures(args.paths)
+    except CarlibError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in written:
+        print(p)
+    for line in failed:  # the other figures are written all the same
+        print(f"error: {line}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

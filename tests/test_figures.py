@@ -1,0 +1,233 @@
+"""experiments/figures.py redraws every figure from the CSVs of real tiny runs;
+experiments/aggregate.py concatenates a joblib multirun and summarizes it (brute-force checks)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from carlib.classes import per_class_frame
+from carlib.plotting import plot_curves
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import aggregate  # noqa: E402
+import figures  # noqa: E402
+
+# LeNet-5 learns the shapes to ~78% in 5 s: curves and CAR are not flat
+SMALL = ["model=lenet5", "data.image_size=28", "data.n_train=2000", "data.n_test=300",
+         "train.epochs=5", "train.lr=0.01", "train.batch_size=64", "method.scoring.size=120",
+         "method.keep_fraction=0.5", "progress=false", "threads=1", "logger.mode=disabled"]
+# as in test_experiments.py: the fastest real runs (untrained-looking, but every file written)
+TINY = ["data.n_train=600", "data.n_test=200", "train.epochs=1", "method.scoring.size=60",
+        "++model.widths=[8,8,8,8,8]", "method.n_keep=6", "progress=false", "threads=1",
+        "logger.mode=disabled"]
+
+
+def script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def pngs(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*.png")}
+
+
+def assert_drawn(path: Path) -> None:
+    """A real figure: not tiny, and neither blank nor one flat color."""
+    assert path.stat().st_size > 10_000, path
+    img = matplotlib.image.imread(path)[..., :3]
+    assert img.std() > 0.05 and len(np.unique(img.reshape(-1, 3), axis=0)) > 50, path
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """results/prune (prune.py) and results/interpret (interpret.py on prune's curves)."""
+    tmp = tmp_path_factory.mktemp("figures")
+    cache = f"paths.cache_dir={tmp}/cache"
+    ok(script("prune.py", cache, f"hydra.run.dir={tmp}/results/prune", *SMALL))
+    ok(script("interpret.py", cache, f"hydra.run.dir={tmp}/results/interpret",
+              f"interpret.source={tmp}/results/prune", "interpret.top_k=3", *SMALL))
+    return tmp / "results"
+
+
+def test_figures_redrawn_from_csvs(results, tmp_path):
+    drawn = (results / "prune" / "curves.png").read_bytes()
+    for p in results.rglob("*.png"):
+        p.unlink()
+    res = ok(script("figures.py", str(results)))
+    expected = {"prune/curves.png", "prune/rank_agreement.png",
+                "prune/class_importance_conv1.png", "prune/class_importance_conv2.png",
+                "interpret/color_counts.png", "interpret/diversity.png"}
+    assert pngs(results) == expected
+    assert {str(Path(p).relative_to(results)) for p in res.stdout.split()} == expected
+    for name in expected:
+        assert_drawn(results / name)
+    # the same function on the same numbers: prune.py's own figure, byte for byte
+    assert (results / "prune" / "curves.png").read_bytes() == drawn
+
+
+def test_aggregate_runs_copied_without_hydra(results, tmp_path):
+    """results/<study>/<run>/*.csv (CSVs copied, no .hydra/): runs are the CSV folders."""
+    study = tmp_path / "study"
+    for run, src in (("seed0", "prune"), ("interpret_seed0", "interpret")):
+        (study / run).mkdir(parents=True)
+        for csv in (results / src).glob("*.csv"):
+            shutil.copy(csv, study / run)
+    assert aggregate.main([str(study)]) == 0
+    assert pd.read_csv(study / "runs.csv").run.tolist() == ["interpret_seed0", "seed0"]
+    own = pd.read_csv(results / "prune" / "curves.csv")
+    curves = pd.read_csv(study / "curves.csv")
+    assert curves.run.eq("seed0").all() and len(curves) == len(own)
+    summary = pd.read_csv(study / "summary.csv")
+    ends = own.groupby(["layer", "criterion"], sort=False).heldout_top1.last()
+    assert summary.set_index(["layer", "criterion"]).heldout_top1_mean.to_dict() == ends.to_dict()
+    assert summary.n.eq(1).all() and summary.heldout_top1_std.isna().all()
+    assert len(pd.read_csv(study / "color_counts.csv")) == 2 * 3
+
+
+def test_class_matrix_round_trip():
+    """per_class_car.csv rows -> the filters x classes matrix car_scores(per_class=True) gave."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(6, 4, generator=g, dtype=torch.float64) - 0.3
+    m[[1, 4]] = float("nan")        # removed filters: no rows
+    m[2, 3] = float("nan")          # a class absent from the scoring set
+    rows = per_class_frame(m, ["a", "b", "c", "d"], "conv1")
+    rebuilt, classes = figures.class_matrix(rows)
+    assert classes == ["a", "b", "c", "d"]
+    torch.testing.assert_close(rebuilt, m, equal_nan=True)
+    # two runs of the same model: the same matrix (their mean)
+    twice, _ = figures.class_matrix(pd.concat([rows, rows]))
+    torch.testing.assert_close(twice, m, equal_nan=True)
+
+
+def test_plot_curves_seeds_and_rows():
+    """Seeds: the line is their mean; `row`: one row of panels per configuration."""
+    rng = np.random.default_rng(0)
+    rows = [{"config": c, "layer": layer, "criterion": crit, "seed": s,
+             "filters_remaining": f, "heldout_top1": rng.random()}
+            for c in ("a", "b") for layer in ("conv1", "conv2") for crit in ("car", "l1")
+            for s in range(3) for f in (8, 7, 6)]
+    df = pd.DataFrame(rows)
+    fig = plot_curves(df, row="config")
+    assert np.array(fig.axes).size == 4
+    ax = fig.axes[3]                                       # row b, panel conv2
+    assert ax.get_title() == "b\nconv2"
+    line = next(ln for ln in ax.lines if ln.get_label() == "l1")
+    want = df[(df.config == "b") & (df.layer == "conv2") & (df.criterion == "l1")].groupby(
+        "filters_remaining").heldout_top1.mean() * 100
+    np.testing.assert_allclose(line.get_ydata(), want.sort_index().to_numpy())
+    assert len(plot_curves(df[df.config == "a"]).axes) == 2  # no row: as before
+
+
+def test_summarize_brute_force():
+    """End-of-run held-out top-1: mean, std, n over seeds per configuration, layer, criterion;
+    a network-wide run counts as one unit named by its layers."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for metric in ("top1", "loss"):
+        for seed in range(3):
+            run = f"{metric}-{seed}"
+            for layer in ("conv1", "conv2"):
+                for crit in ("car", "random"):
+                    for step in range(4):
+                        rows.append({"run": run, "model": "m", "dataset": "d", "layer": layer,
+                                     "criterion": crit, "seed": seed, "step": step,
+                                     "filters_remaining": 8 - step,
+                                     "heldout_top1": rng.random(), "method.metric": metric,
+                                     "method.criteria": "[car,random]"})
+    curves = pd.DataFrame(rows)
+    conds = aggregate.condition_columns(curves, ["model", "method.metric", "method.criteria",
+                                                 "seed", "run"])
+    assert conds == ["method.metric"]
+    got = aggregate.summarize(curves, conds)
+    assert len(got) == 2 * 2 * 2 and got["n"].eq(3).all()
+    for r in got.to_dict("records"):
+        ends, starts = [], []
+        for seed in range(3):
+            g = [x for x in rows if x["method.metric"] == r["method.metric"]
+                 and x["layer"] == r["layer"] and x["criterion"] == r["criterion"]
+                 and x["seed"] == seed]
+            ends.append(max(g, key=lambda x: x["step"])["heldout_top1"])
+            starts.append(min(g, key=lambda x: x["step"])["heldout_top1"])
+        assert r["heldout_top1_mean"] == pytest.approx(np.mean(ends))
+        assert r["heldout_top1_std"] == pytest.approx(np.std(ends, ddof=1))
+        assert r["heldout_top1_full"] == pytest.approx(np.mean(starts))
+        assert r["filters_remaining"] == 5
+    # network-wide rows: layer is the removed filter's (empty at step 0)
+    glob = pd.DataFrame({"layer": [None, "conv2", "conv1"], "criterion": "car", "seed": 0,
+                         "step": [0, 1, 2], "filters_remaining": [24, 23, 22],
+                         "layer_remaining": [None, 15, 7], "heldout_top1": [0.9, 0.8, 0.7]})
+    assert aggregate.pruned_unit(glob).tolist() == ["conv1+conv2"] * 3
+    s = aggregate.summarize(glob)
+    assert s[["layer", "n", "heldout_top1_mean"]].values.tolist() == [["conv1+conv2", 1, 0.7]]
+
+
+def test_joblib_multirun_aggregates(tmp_path):
+    """2 criteria x 2 seeds with the joblib launcher, aggregated and plotted."""
+    multi = tmp_path / "multi"
+    ok(script("prune.py", "-m", "hydra/launcher=local", f"paths.cache_dir={tmp_path}/cache",
+              f"hydra.sweep.dir={multi}", *TINY, "method.criteria=[car],[random]", "seed=0,1"))
+    jobs = [multi / str(i) for i in range(4)]
+    assert aggregate.main([str(multi)]) == 0     # in-process: the same code as the command
+    runs = pd.read_csv(multi / "runs.csv")
+    assert runs.run.tolist() == [0, 1, 2, 3]
+    assert runs["method.criteria"].tolist() == ["[car]", "[car]", "[random]", "[random]"]
+    assert runs.seed.tolist() == [0, 1, 0, 1]
+    # one row per measurement: 4 runs x 2 layers x (step 0 + 2 removals)
+    curves = pd.read_csv(multi / "curves.csv")
+    assert len(curves) == 4 * 2 * 3
+    for i, job in enumerate(jobs):
+        own = pd.read_csv(job / "curves.csv")
+        mine = curves[curves.run == i].drop(columns=["run", *runs.columns.drop(["run", "seed"])])
+        # (an all-empty column of one run reads as float, of all runs as str: values compared)
+        pd.testing.assert_frame_equal(mine.reset_index(drop=True), own, check_dtype=False)
+    ranks = pd.read_csv(multi / "rank_agreement.csv")
+    assert len(ranks) == 4 * 2 * 6 and set(ranks.seed) == {0, 1}   # seed: not a column before
+    assert len(pd.read_csv(multi / "per_class_car.csv")) == 4 * 2 * 8 * 6
+    summary = pd.read_csv(multi / "summary.csv")
+    assert len(summary) == 2 * 2 and summary.n.eq(2).all()
+    for r in summary.itertuples():
+        ends = [pd.read_csv(j / "curves.csv").query("layer == @r.layer and criterion == "
+                                                    "@r.criterion").heldout_top1.iat[-1]
+                for j in jobs if (pd.read_csv(j / "curves.csv").criterion == r.criterion).any()]
+        assert len(ends) == 2
+        assert r.heldout_top1_mean == pytest.approx(np.mean(ends))
+        assert r.heldout_top1_std == pytest.approx(np.std(ends, ddof=1))
+    before = pngs(multi)
+    tables = ["curves.csv", "rank_agreement.csv", "per_class_car.csv", "summary.csv"]
+    assert figures.main([str(multi / name) for name in tables]) == 0
+    new = {"curves.png", "rank_agreement.png", "summary.png"} | {
+        f"class_importance_conv{k}_seed_{s}.png" for k in (1, 2) for s in (0, 1)}
+    assert pngs(multi) - before == new
+    for name in new:
+        assert_drawn(multi / name)
+
+
+def test_bad_input_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert aggregate.main([str(empty)]) == 2
+    assert figures.main([str(tmp_path / "missing")]) == 2
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "curves.csv").write_text("layer,criterion\nconv1,car\n")
+    assert aggregate.main([str(run)]) == 2          # would write into the run folder
+    assert figures.main([str(run)]) == 2            # curves.csv without its columns
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
+    assert "no run folders" in err[0] and "does not exist" in err[1]
+    assert "--out" in err[2] and "curves.csv: cannot plot" in err[3]
