@@ -155,6 +155,9 @@ def compression_figures(t: Table) -> dict[str, plt.Figure]:
             print("compression.csv: no plot_compression in carlib.compression or "
                   "experiments/compress.py; skipped", file=sys.stderr)
             return {}
+    if "run" in t.df and t.df["run"].nunique() > 1:  # aggregated: one figure per run
+        return {f"compression_{_slug(str(r))}.png": plot_compression(g)
+                for r, g in t.df.groupby("run", sort=False)}
     return {"compression.png": plot_compression(t.df)}
 
 

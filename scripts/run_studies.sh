@@ -39,4 +39,5 @@ for d in "$S"/*/*/; do
   cp "$d"/gallery_*.png "results/$rel" 2>/dev/null || true  # need the model: not redrawn
   [ -f "$d/.hydra/config.yaml" ] && cp "$d/.hydra/config.yaml" "results/$rel/config.yaml"
 done
+"$P" experiments/aggregate.py results/alexnet_small-shapes  # the seeds in one table + summary
 "$P" experiments/figures.py results/
