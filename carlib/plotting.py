@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 STYLE = {"car": ("tab:red", "-"), "random": ("tab:gray", "--"), "l1": ("tab:blue", "-."),
          "l2": ("tab:cyan", "-."), "mean_activation": ("tab:green", ":"),
@@ -39,6 +40,7 @@ def plot_curves(df: pd.DataFrame, y: str = "heldout_top1", panel: str = "layer",
                     ax.fill_between(s.index, s["min"] * 100, s["max"] * 100, color=color,
                                     alpha=0.15)
             ax.invert_xaxis()
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # filter counts
             if r is None:
                 ax.set_title(str(p))
             else:
