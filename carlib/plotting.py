@@ -116,3 +116,34 @@ def plot_summary(df: pd.DataFrame, y: str = "heldout_top1", title: str | None = 
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_compression(df: pd.DataFrame) -> plt.Figure:
+    """Bits of the layer per stage (log axis, ratio annotated) and held-out top-1 per stage."""
+    x = range(len(df))
+    labels = [s.replace("_", "\n") for s in df.stage]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.bar(x, df.bits, color="tab:blue", alpha=0.8)
+    ax1.set_yscale("log")
+    ax1.set_ylim(df.bits.min() / 2, df.bits.max() * 3)
+    for i, r in zip(x, df.itertuples()):
+        ax1.annotate(f"{r.ratio:.1f}x", (i, r.bits), ha="center", va="bottom",
+                     xytext=(0, 2), textcoords="offset points", fontsize=9)
+    ax1.set_ylabel(f"bits of {df.layer.iat[0]} (log)")
+    ax1.set_title("layer size (ratio: original / stage)")
+    ax2.plot(x, df.heldout_top1 * 100, "o-", color="tab:red", label="after retraining")
+    ax2.plot(x, df.heldout_top1_before_retrain * 100, "o", mfc="none", color="tab:gray",
+             label="before retraining")
+    for i, v in zip(x, df.heldout_top1):
+        ax2.annotate(f"{v * 100:.2f}", (i, v * 100), ha="center", va="bottom",
+                     xytext=(0, 4), textcoords="offset points", fontsize=9)
+    ax2.margins(x=0.1, y=0.25)
+    ax2.set_ylabel("held-out top-1 (%)")
+    ax2.set_title("accuracy per stage")
+    ax2.legend(frameon=False, fontsize=8, loc="best")
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(x), labels)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{df.model.iat[0]} on {df.dataset.iat[0]}: compressing {df.layer.iat[0]}")
+    fig.tight_layout()
+    return fig

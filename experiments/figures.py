@@ -36,7 +36,7 @@ from aggregate import (
 from carlib.classes import plot_class_importance
 from carlib.color import plot_color_counts
 from carlib.errors import CarlibError
-from carlib.plotting import plot_curves, plot_rank_agreement, plot_summary
+from carlib.plotting import plot_compression, plot_curves, plot_rank_agreement, plot_summary
 from carlib.results import save_figure
 
 
@@ -144,17 +144,7 @@ def summary_figures(t: Table) -> dict[str, plt.Figure]:
 
 
 def compression_figures(t: Table) -> dict[str, plt.Figure]:
-    """compression.png via `plot_compression(df)` of carlib.compression (or, failing that, of
-    experiments/compress.py); skipped when neither has it."""
-    try:
-        from carlib.compression import plot_compression
-    except ImportError:
-        try:
-            from compress import plot_compression
-        except ImportError:
-            print("compression.csv: no plot_compression in carlib.compression or "
-                  "experiments/compress.py; skipped", file=sys.stderr)
-            return {}
+    """compression.png (carlib.plotting.plot_compression); one per run when aggregated."""
     if "run" in t.df and t.df["run"].nunique() > 1:  # aggregated: one figure per run
         return {f"compression_{_slug(str(r))}.png": plot_compression(g)
                 for r, g in t.df.groupby("run", sort=False)}
