@@ -21,8 +21,9 @@ judged by eye).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from scipy.stats import hypergeom
 
@@ -116,6 +117,28 @@ def color_count(order: Sequence[int], selective: torch.Tensor, top_k: int,
             "expected_random": k_live * c / n if n else float("nan"),
             "p_value": float(hypergeom.sf(observed - 1, n, c, k_live)),
             "p_value_fewer": float(hypergeom.cdf(observed, n, c, k_live))}
+
+
+def pooled_color_count(counts: Iterable[Mapping]) -> dict[str, float]:
+    """`color_count` results of independent runs (e.g. seeds) pooled into one exact test.
+
+    The total of color-selective filters among the runs' live top-K is compared with the sum
+    of independent hypergeometric draws, one per run (its live filters, color-selective ones
+    and live top-K), whose distribution is their exact convolution: `p_value` is its upper
+    tail at the observed total, `p_value_fewer` the lower tail.
+    """
+    pmf, observed, expected, k_total, runs = np.ones(1), 0, 0.0, 0, 0
+    for r in counts:
+        n, c, k = int(r["layer_live"]), int(r["layer_color_selective"]), int(r["live_in_top_k"])
+        support = np.arange(k + 1)
+        pmf = np.convolve(pmf, hypergeom.pmf(support, n, c, k))
+        observed += int(r["color_selective"])
+        expected += k * c / n if n else float("nan")
+        k_total += k
+        runs += 1
+    return {"runs": runs, "live_in_top_k": k_total, "color_selective": observed,
+            "expected_random": expected, "p_value": float(min(1.0, pmf[observed:].sum())),
+            "p_value_fewer": float(min(1.0, pmf[:observed + 1].sum()))}
 
 
 def plot_color_counts(counts, title: str = ""):

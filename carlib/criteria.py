@@ -1,11 +1,18 @@
 """Filter-pruning criteria: a score per remaining filter; the lowest score is removed first.
 
-Each criterion is a function (net, layer, cut, kept, metric) -> (scores, tally or None), with
-`scores[i]` the importance of filter `kept[i]` (higher = more important), recomputed after every
-removal so all criteria follow the same greedy schedule. `cut` is the layer's `LayerData` on
-the scoring set; its prefix output is the layer's channels at the mask point, *before* the mask.
+A criterion is a `Criterion`: a name, a scoring function (net, layer, cut, kept, metric) ->
+(scores, tally or None), with `scores[i]` the importance of filter `kept[i]` (higher = more
+important), recomputed after every removal so all criteria follow the same greedy schedule, and
+the rule that breaks ties on the score. `cut` is the layer's `LayerData` on the scoring set;
+its prefix output is the layer's channels at the mask point, *before* the mask.
+`register_criterion` adds one; `greedy_prune(criterion=...)` takes a name or a `Criterion`.
 
-- `car`: classification accuracy reduction (Abbasi-Asl & Yu): metric drop on removal.
+- `car`: classification accuracy reduction (Abbasi-Asl & Yu): metric drop on removal
+  (`method.metric`, default top-1); equal CAR goes to the smaller loss increase.
+- `car_random_tie`: the same CAR, equal CAR broken by a seeded random draw (an ablation: what
+  CAR decides by itself, without the loss increase deciding its ties).
+- `loss`: the cross-entropy increase on removal (the "oracle" of Molchanov et al. 2017/2019),
+  whatever `method.metric` says.
 - `random`: a seeded permutation (over the layer's filters, or over all listed layers' filters
   for the network-wide schedule).
 - `l1`, `l2`: L1 / L2 norm of the filter's conv weights (bias excluded; Li et al. 2016).
@@ -24,6 +31,7 @@ the scoring set; its prefix output is the layer's channels at the mask point, *b
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,18 +42,46 @@ from carlib.graph import MaskedNet
 from carlib.scoring import LayerData, Tally, tally
 
 Scores = tuple[torch.Tensor, Tally | None]
-Criterion = Callable[[MaskedNet, str, LayerData, list[int], str], Scores]
+ScoreFn = Callable[[MaskedNet, str, LayerData, list[int], str], Scores]
+TIE_BREAKS = ("loss", "random")
 
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu, F.relu_)
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
-CRITERIA = ("car", "random", "l1", "l2", "mean_activation", "apoz", "taylor")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A named filter score and its tie rule; calling it scores the kept filters.
+
+    `tie_break`: "loss" (equal scores go to the smaller loss increase on the scoring set,
+    then the lower index) or "random" (a seeded random order). `metric`, if set, is the metric
+    the criterion always uses (the loss criterion), else the run's `metric` applies.
+    """
+
+    name: str
+    fn: ScoreFn
+    tie_break: str = "loss"
+    metric: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tie_break not in TIE_BREAKS:
+            raise CarlibError(f"tie_break='{self.tie_break}' for criterion '{self.name}'; "
+                              f"valid: {', '.join(TIE_BREAKS)}")
+
+    def __call__(self, net: MaskedNet, layer: str, cut: LayerData, kept: list[int],
+                 metric: str) -> Scores:
+        return self.fn(net, layer, cut, kept, self.metric or metric)
+
+    def run_metric(self, metric: str) -> str:
+        """The metric this criterion's scores (and CAR intervals) are in, given the run's."""
+        return self.metric or metric
 
 
 def _conv_weight(net: MaskedNet, layer: str) -> torch.Tensor:
     return net.gm.get_submodule(layer).weight.detach()
 
 
-def make_car(mode: str = "fast") -> Criterion:
+def make_car(mode: str = "fast") -> ScoreFn:
     """CAR counted by the scoring engine in `mode` (`carlib.scoring`: fast | plain | naive;
     all give the same counts, naive is the slow reference)."""
 
@@ -136,7 +172,7 @@ def taylor(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: 
     return (total / batches)[kept], None
 
 
-def make_random(seed: int, layers: Sequence[str] | None = None) -> Criterion:
+def make_random(seed: int, layers: Sequence[str] | None = None) -> ScoreFn:
     """Random order fixed by `seed`: a seeded permutation of the layer's filters, or, with
     `layers`, one permutation of all their filters (layer after layer) for ranking across them.
     """
@@ -152,13 +188,43 @@ def make_random(seed: int, layers: Sequence[str] | None = None) -> Criterion:
     return random
 
 
-def get_criterion(name: str, seed: int = 0, layers: Sequence[str] | None = None,
+# name -> factory(seed, layers, mode) -> Criterion; see register_criterion
+_REGISTRY: dict[str, Callable[[int, Sequence[str] | None, str], Criterion]] = {
+    "car": lambda seed, layers, mode: Criterion("car", make_car(mode)),
+    "car_random_tie": lambda seed, layers, mode: Criterion("car_random_tie", make_car(mode),
+                                                           tie_break="random"),
+    "loss": lambda seed, layers, mode: Criterion("loss", make_car(mode), metric="loss"),
+    "random": lambda seed, layers, mode: Criterion("random", make_random(seed, layers)),
+    "l1": lambda seed, layers, mode: Criterion("l1", l1),
+    "l2": lambda seed, layers, mode: Criterion("l2", l2),
+    "mean_activation": lambda seed, layers, mode: Criterion("mean_activation", mean_activation),
+    "apoz": lambda seed, layers, mode: Criterion("apoz", apoz),
+    "taylor": lambda seed, layers, mode: Criterion("taylor", taylor),
+}
+CRITERIA: tuple[str, ...] = tuple(_REGISTRY)  # the built-in ones
+CAR_FAMILY = ("car", "car_random_tie", "loss")  # criteria that count flips with the engine
+
+
+def register_criterion(name: str, fn: ScoreFn | None = None, *, tie_break: str = "loss",
+                       factory: Callable[[int, Sequence[str] | None, str], Criterion] | None
+                       = None) -> None:
+    """Make criterion `name` available to `get_criterion`, `greedy_prune` and the configs
+    (`method.criteria`): a scoring function `fn` (see the module docstring) with its tie rule,
+    or a `factory(seed, layers, mode) -> Criterion` for criteria that depend on those."""
+    if (fn is None) == (factory is None):
+        raise CarlibError(f"register_criterion('{name}'): give fn or factory, not both")
+    if factory is None:
+        spec = Criterion(name, fn, tie_break)  # type: ignore[arg-type]
+        factory = lambda seed, layers, mode: spec  # noqa: E731
+    _REGISTRY[name] = factory
+
+
+def get_criterion(name: str | Criterion, seed: int = 0, layers: Sequence[str] | None = None,
                   mode: str = "fast") -> Criterion:
-    """The criterion called `name` (see CRITERIA); `layers`: see `make_random`; `mode`: the
-    scoring engine's mode for `car` (see `make_car`)."""
-    table: dict[str, Criterion] = {
-        "car": make_car(mode), "random": make_random(seed, layers), "l1": l1, "l2": l2,
-        "mean_activation": mean_activation, "apoz": apoz, "taylor": taylor}
-    if name not in table:
-        raise CarlibError(f"unknown criterion '{name}'; valid: {', '.join(CRITERIA)}")
-    return table[name]
+    """The criterion called `name` (see CRITERIA), or `name` itself if a Criterion; `layers`:
+    see `make_random`; `mode`: the scoring engine's mode for the CAR family (`make_car`)."""
+    if isinstance(name, Criterion):
+        return name
+    if name not in _REGISTRY:
+        raise CarlibError(f"unknown criterion '{name}'; valid: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name](seed, layers, mode)

@@ -1,4 +1,10 @@
-"""Datasets, train/test splits, the fixed scoring subset and loaders.
+"""Datasets, train/val/test splits, the fixed scoring subset and loaders.
+
+Splits: `train` trains the model; `val` (`val_size` > 0) is a class-stratified, seeded part of
+the training data held out from training, so a model has not fit it (the scoring set of
+`method.scoring.split=val`); `test` is the held-out report split. `DataBundle.train_indices` /
+`val_indices` locate both parts in the loaded training data, so a saved scoring subset is
+always a list of indices into it, whichever part it came from.
 
 Normalization (all datasets return float tensors normalized per channel as ``(x - mean) / std``
 with x in 0..1; `DataBundle.mean`/`.std` record the values):
@@ -13,8 +19,8 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +28,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from carlib.errors import CarlibError
-from carlib.shapes import make_shapes
+from carlib.shapes import GENERATOR_KEYS, HARD, make_shapes
 
-DATASETS: tuple[str, ...] = ("shapes", "fashion_mnist", "cifar10", "imagenet")
+DATASETS: tuple[str, ...] = ("shapes", "shapes_hard", "fashion_mnist", "cifar10", "imagenet")
+SPLITS = ("train", "val")  # where the scoring subset is drawn from
 
 FASHION_MNIST_CLASSES: list[str] = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -45,7 +52,12 @@ SHAPES_TEST_SEED_OFFSET = 1_000_003  # test split seed = seed + this, so splits 
 
 @dataclass
 class DataBundle:
-    """A dataset's train and held-out test splits plus what a model needs to know about it."""
+    """A dataset's splits plus what a model needs to know about it.
+
+    `train` trains the model; `val` (None when `val_size` is 0) was held out of the loaded
+    training data; `test` is the report split. `train_indices`/`val_indices` are the positions
+    of train and val in the loaded training data (None: train is all of it).
+    """
 
     train: Dataset
     test: Dataset
@@ -55,10 +67,25 @@ class DataBundle:
     name: str
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
+    val: Dataset | None = None
+    train_indices: torch.Tensor | None = None
+    val_indices: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def split(self, name: str) -> tuple[Dataset, torch.Tensor | None]:
+        """The split `name` (train | val) and its positions in the loaded training data."""
+        if name not in SPLITS:
+            raise CarlibError(f"scoring split '{name}' is not one of {', '.join(SPLITS)}")
+        if name == "val":
+            if self.val is None:
+                raise CarlibError("the scoring split is val but no images were held out from "
+                                  "training; set data.val_size > 0 (or method.scoring.split="
+                                  "train)")
+            return self.val, self.val_indices
+        return self.train, self.train_indices
 
 
 def targets(dataset: Dataset) -> torch.Tensor:
@@ -140,7 +167,7 @@ def _fashion_split(directory: Path, train: bool) -> tuple[torch.Tensor, torch.Te
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
-def _load_fashion(root: str | None, download: bool) -> tuple[Dataset, Dataset]:
+def _load_fashion(root: str | None, download: bool, pad: int = 0) -> tuple[Dataset, Dataset]:
     directory = _fashion_dir(root)
     if directory is not None:
         splits = [_fashion_split(directory, train) for train in (True, False)]
@@ -161,6 +188,9 @@ def _load_fashion(root: str | None, download: bool) -> tuple[Dataset, Dataset]:
                 raise CarlibError(f"Downloading Fashion-MNIST to {root or 'data'} failed ({e}); "
                                   "check the network or place the idx files there.") from e
             splits.append((ds.data.unsqueeze(1), ds.targets.long()))
+    if pad:  # zero (black) border: Fashion-MNIST's background
+        splits = [(torch.nn.functional.pad(x, [pad // 2, pad - pad // 2] * 2), y)
+                  for x, y in splits]
     return tuple(  # type: ignore[return-value]
         TensorDataset(_normalize(x, FASHION_MEAN, FASHION_STD), y) for x, y in splits)
 
@@ -221,6 +251,13 @@ def _load_imagenet(
     return train, test, list(train.classes), size
 
 
+def take(ds: Dataset, idx: torch.Tensor) -> Dataset:
+    """The items `idx` of `ds` (tensors indexed for a TensorDataset, else a Subset)."""
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(*(t[idx] for t in ds.tensors))
+    return Subset(ds, idx.tolist())
+
+
 def _subset(ds: Dataset, n: int | None, seed: int, what: str) -> Dataset:
     """Seeded class-stratified subset of `n` items (whole dataset when n is None or len)."""
     if n is None or n == len(ds):  # type: ignore[arg-type]
@@ -228,10 +265,25 @@ def _subset(ds: Dataset, n: int | None, seed: int, what: str) -> Dataset:
     if n > len(ds):  # type: ignore[arg-type]
         raise CarlibError(f"{what}={n} exceeds the {len(ds)} items available; "  # type: ignore
                           "lower it or leave it unset.")
-    idx = scoring_subset(targets(ds), n, seed)
-    if isinstance(ds, TensorDataset):
-        return TensorDataset(*(t[idx] for t in ds.tensors))
-    return Subset(ds, idx.tolist())
+    return take(ds, scoring_subset(targets(ds), n, seed))
+
+
+def hold_out(bundle: DataBundle, val_size: int, seed: int) -> DataBundle:
+    """`bundle` with a class-stratified, seeded `val_size` images of its training split moved
+    to `val` (held out from training); unchanged when val_size is 0."""
+    if val_size == 0:
+        return bundle
+    n = len(bundle.train)  # type: ignore[arg-type]
+    if not 0 < val_size < n:
+        raise CarlibError(f"data.val_size={val_size} must be in 0..{n - 1} (the training split "
+                          f"has {n} images); lower it, or 0 to hold nothing out")
+    y = targets(bundle.train)
+    val = scoring_subset(y, val_size, seed)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val] = False
+    rest = keep.nonzero().flatten()
+    return replace(bundle, train=take(bundle.train, rest), val=take(bundle.train, val),
+                   train_indices=rest, val_indices=val)
 
 
 def load_dataset(
@@ -245,31 +297,52 @@ def load_dataset(
     color_label: bool = False,
     download: bool = False,
     weights_transforms: Callable | None = None,
+    val_size: int = 0,
+    generator: Mapping | None = None,
 ) -> DataBundle:
-    """Load `name` (one of DATASETS) as normalized train/test splits.
+    """Load `name` (one of DATASETS) as normalized train/test splits (and val, see below).
 
     `image_size` is the side of the square input images: "shapes" are generated at that size
     (default 32); "imagenet" images are resized to image_size * 256/224 (shorter side) and
     center-cropped to image_size (default 224, the standard preprocessing), unless
     `weights_transforms` are given, whose crop size must then equal image_size (if set).
-    Fashion-MNIST and CIFAR-10 keep their native 28 and 32. `color_label` applies to "shapes"
-    only. `n_train`/`n_test` take a seeded class-stratified subset (for "shapes" they set how
-    many images are generated: default 12000/2000).
+    Fashion-MNIST keeps its native 28 or is zero-padded to 32 (`image_size=32`, the
+    background stays black); CIFAR-10 keeps its 32. `color_label` applies to the generated
+    shapes only; `generator` overrides their `make_shapes` settings ("shapes_hard": the
+    `carlib.shapes.HARD` preset). `n_train`/`n_test` take a seeded class-stratified subset (for
+    generated shapes they set how many images are generated: default 12000/2000).
+    `val_size` > 0 then holds that many training images out of training (`hold_out`).
     """
-    root = None if root in (None, "") else str(root)
-    if name == "shapes":
+    bundle = _load(name, None if root in (None, "") else str(root), seed, n_train, n_test,
+                   image_size, color_label, download, weights_transforms, generator)
+    return hold_out(bundle, val_size, seed)
+
+
+def _load(name: str, root: str | None, seed: int, n_train: int | None, n_test: int | None,
+          image_size: int | None, color_label: bool, download: bool,
+          weights_transforms: Callable | None, generator: Mapping | None) -> DataBundle:
+    if name in ("shapes", "shapes_hard"):
         image_size = 32 if image_size is None else image_size
         n_tr = 12000 if n_train is None else n_train
         n_te = 2000 if n_test is None else n_test
-        x_tr, y_tr, classes = make_shapes(n_tr, seed, image_size, color_label)
-        x_te, y_te, _ = make_shapes(n_te, seed + SHAPES_TEST_SEED_OFFSET, image_size, color_label)
+        gen = {**(HARD if name == "shapes_hard" else {}), **(generator or {})}
+        unknown = set(gen) - set(GENERATOR_KEYS)
+        if unknown:
+            raise CarlibError(f"unknown data.generator keys {sorted(unknown)}; valid: "
+                              f"{', '.join(GENERATOR_KEYS)}")
+        x_tr, y_tr, classes = make_shapes(n_tr, seed, image_size, color_label, **gen)
+        x_te, y_te, _ = make_shapes(n_te, seed + SHAPES_TEST_SEED_OFFSET, image_size,
+                                    color_label, **gen)
         return DataBundle(
             TensorDataset(_normalize(x_tr, SHAPES_MEAN, SHAPES_STD), y_tr),
             TensorDataset(_normalize(x_te, SHAPES_MEAN, SHAPES_STD), y_te),
             classes, 3, image_size, name, SHAPES_MEAN, SHAPES_STD)
     if name == "fashion_mnist":
-        train, test = _load_fashion(root, download)
-        classes, channels, size = list(FASHION_MNIST_CLASSES), 1, 28
+        if image_size not in (None, 28, 32):
+            raise CarlibError(f"data.image_size={image_size}: Fashion-MNIST is 28 (native) or "
+                              "32 (zero-padded)")
+        train, test = _load_fashion(root, download, pad=(image_size or 28) - 28)
+        classes, channels, size = list(FASHION_MNIST_CLASSES), 1, image_size or 28
         mean, std = FASHION_MEAN, FASHION_STD
     elif name == "cifar10":
         train, test, classes = _load_cifar10(root, download)

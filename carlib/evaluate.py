@@ -52,6 +52,16 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
+def image_hits(model: nn.Module, data: Iterable, k: int = 1) -> torch.Tensor:
+    """Bool per image of `data` (in order, on the CPU): the target is among the model's top-k."""
+    with eval_mode(model):
+        out = [hits(model(x), y, k).cpu() for x, y in data]
+    if not out:
+        raise CarlibError("evaluation data is empty; check the dataset and subset sizes")
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable) -> dict[str, float]:
     """top1, top5 (fractions), mean cross-entropy and n of `model` on `data` batches."""
     n, c1, c5, loss = 0, 0, 0, 0.0

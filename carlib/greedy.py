@@ -12,9 +12,14 @@ Two schedules share one loop and one `Trace` format:
   whenever a mask upstream of it changed.
 
 Each step removes `k` filters (default 1, the paper's) and all criteria are recomputed after
-every step. Ties on the score go to the smaller loss increase on the scoring set, then to the
-earlier layer (in the order given) and lower filter index. With a `RunState`, the trace is
-saved after every step and a run started again with the same key continues where it stopped.
+every step. Ties on the score go by the criterion's tie rule: the smaller loss increase on the
+scoring set (`tie_break="loss"`) or a seeded random order (`"random"`, drawn afresh each
+step), then the earlier layer (in the order given) and lower filter index. Each row records
+how many filters tied on its score and which rule decided (empty when the score alone did),
+and `Trace.regime()` sums this up with the full network's scoring top-1: a criterion like CAR
+says something only where its scores decide, i.e. where the network does not fit its scoring
+set (see REPRODUCING.md). With a `RunState`, the trace is saved after every step and a run
+started again with the same key continues where it stopped.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import fx, nn
@@ -33,9 +39,9 @@ from tqdm.auto import tqdm
 from carlib.checkpointing import RunState
 from carlib.criteria import Criterion, get_criterion
 from carlib.errors import CarlibError
-from carlib.evaluate import check_metric, eval_mode
+from carlib.evaluate import check_metric, eval_mode, topk_of
 from carlib.graph import MaskedNet
-from carlib.scoring import LayerData, Tally, check_mode, measure, tally
+from carlib.scoring import LayerData, Tally, TallyMemo, check_mode, measure, tally
 from carlib.stats import METHODS, car_interval
 
 
@@ -48,7 +54,8 @@ class Trace:
     (`filters_remaining`, `scoring_acc`, `heldout_top1`). The network-wide schedule adds a
     `layer` (the removed filter's; empty at step 0) and `layer_remaining` to every row, and
     `filters_remaining` counts all listed layers. `initial_scores[layer]` holds the
-    criterion's score of every filter of the layer on the full network (its first scoring).
+    criterion's score of every filter of the layer on the full network (its first scoring);
+    `scoring_top1` is the full network's top-1 accuracy on the scoring set.
     """
 
     layer: str
@@ -62,6 +69,7 @@ class Trace:
     layers: list[str] = field(default_factory=list)
     removed_layers: list[str] = field(default_factory=list)
     initial_scores: dict[str, list[float]] = field(default_factory=dict)
+    scoring_top1: float = math.nan
     resumed_at: int = 0  # finished steps loaded from a saved state (not saved itself)
 
     def to_frame(self) -> pd.DataFrame:
@@ -73,10 +81,27 @@ class Trace:
             df.insert(0, "layer", self.layer)
         df.insert(1, "criterion", self.criterion)
         df.insert(2, "seed", self.seed)
+        if self.schedule == "global":  # the run's unit: every listed layer, in order
+            df.insert(1, "layers", "+".join(self.layers))
         for col in ("removed_filter", "layer_remaining"):
             if col in df:
                 df[col] = df[col].astype("Int64")
         return df
+
+    def regime(self) -> dict:
+        """Whether the run is in CAR's regime: the full network's scoring top-1, and how many
+        removals the score decided alone (`decided`: the share without a tie to break)."""
+        rows = [r for r in self.steps if r["step"] > 0]
+        tied = sum(1 for r in rows if r["tie_break"])
+        return {"scoring_top1": self.scoring_top1, "removals": len(rows), "tied": tied,
+                "decided": 1 - tied / len(rows) if rows else math.nan}
+
+    def pruned(self, model: nn.Module) -> MaskedNet:
+        """A masked view of `model` (sharing its weights) with this trace's filters removed."""
+        net = MaskedNet(model)
+        for name, f in zip(self.removed_layers, self.removed):
+            net.remove(name, [f])
+        return net
 
     def to_state(self) -> dict:
         """The trace as JSON-ready data (see `from_state`)."""
@@ -97,14 +122,14 @@ class Candidate:
 
 
 def choose(cands: list[Candidate], m: int, room: dict[str, int],
-           tie_loss: Callable[[list[Candidate]], list[float]], order: Sequence[str]
-           ) -> list[tuple[Candidate, int, str]]:
+           tie_key: Callable[[list[Candidate]], list[float]], order: Sequence[str],
+           rule: str = "loss") -> list[tuple[Candidate, int, str]]:
     """The `m` lowest-scoring candidates, at most `room[layer]` from each layer.
 
-    Among equal scores the smaller loss increase (`tie_loss`, asked only when a tie has to be
-    broken) wins, then the earlier layer in `order`, then the lower index. Returns (candidate,
-    number tied on its score, rule) per pick, with rule "" where no tie had to be broken, else
-    "loss" if its loss increase beat every passed-over tied filter's, else "index".
+    Among equal scores the smaller `tie_key` (the loss increase, or a random draw; asked only
+    when a tie has to be broken) wins, then the earlier layer in `order`, then the lower index.
+    Returns (candidate, number tied on its score, rule) per pick, with rule "" where no tie had
+    to be broken, else `rule` if its key beat every passed-over tied filter's, else "index".
     """
     room, rank = dict(room), {name: i for i, name in enumerate(order)}
     picks: list[tuple[Candidate, int, str]] = []
@@ -115,21 +140,31 @@ def choose(cands: list[Candidate], m: int, room: dict[str, int],
         slots = m - len(picks)
         if slots == 0:
             break
-        inc = {}
+        key = {}
         per_layer = Counter(c.layer for c in eligible)
         if min(slots, sum(min(v, room[n]) for n, v in per_layer.items())) < len(eligible):
-            inc = dict(zip(eligible, tie_loss(eligible)))
-            eligible.sort(key=lambda c: (inc[c], rank[c.layer], c.filter))
+            key = dict(zip(eligible, tie_key(eligible)))
+            eligible.sort(key=lambda c: (key[c], rank[c.layer], c.filter))
         chosen = []
         for c in eligible:
             if len(chosen) < slots and room[c.layer] > 0:
                 chosen.append(c)
                 room[c.layer] -= 1
-        passed = [inc[c] for c in eligible if c not in chosen]
+        passed = [key[c] for c in eligible if c not in chosen]
         for c in chosen:
-            rule = "" if not passed else "loss" if inc[c] < min(passed) else "index"
-            picks.append((c, len(group), rule))
+            how = "" if not passed else rule if key[c] < min(passed) else "index"
+            picks.append((c, len(group), how))
     return picks
+
+
+def random_keys(seed: int, step: int, layers: Sequence[str], sizes: Sequence[int]
+                ) -> dict[tuple[str, int], float]:
+    """The random tie rule's keys at `step`: one uniform draw per filter of every layer, from
+    a generator seeded by (seed, step), so a resumed run draws the same."""
+    draws = np.random.default_rng([seed, step]).random(sum(sizes))
+    start = np.cumsum([0, *sizes])
+    return {(name, f): float(draws[start[i] + f]) for i, name in enumerate(layers)
+            for f in range(sizes[i])}
 
 
 def _mask_deps(net: MaskedNet, module: fx.GraphModule) -> list[str]:
@@ -140,16 +175,18 @@ def _mask_deps(net: MaskedNet, module: fx.GraphModule) -> list[str]:
 
 
 class _Cuts:
-    """`LayerData` per layer, rebuilt when a mask its (cached) prefix reads has changed."""
+    """`LayerData` per layer, rebuilt when a mask its (cached) prefix reads has changed; their
+    tallies go through `memo` if given."""
 
-    def __init__(self, net: MaskedNet, data: Iterable) -> None:
-        self.net, self.data = net, data
+    def __init__(self, net: MaskedNet, data: Iterable, memo: TallyMemo | None = None) -> None:
+        self.net, self.data, self.memo = net, data, memo
         self._cuts: dict[str, tuple[LayerData, list[tuple[str, torch.Tensor]]]] = {}
 
     def get(self, layer: str) -> LayerData:
         entry = self._cuts.get(layer)
         if entry is None or any(not torch.equal(self.net.mask(n), m) for n, m in entry[1]):
             cut = LayerData(self.net, layer, self.data)
+            cut.memo = self.memo
             deps = [(n, self.net.mask(n).clone()) for n in _mask_deps(self.net, cut.prefix)]
             self._cuts[layer] = entry = (cut, deps)
         return entry[0]
@@ -168,11 +205,14 @@ def _interval(t: Tally | None, f: int, metric: str, method: str, seed: int
 
 def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
            eval_data: Iterable | None, n_remove: int, min_keep: dict[str, int], k: int,
-           interval: str, progress: bool, save: Callable[[Trace], None]) -> Trace:
+           interval: str, progress: bool, save: Callable[[Trace], None],
+           memo: TallyMemo | None) -> Trace:
     """The shared greedy loop over `trace.layers`; continues `trace` where it stopped."""
     layers, metric, network_wide = trace.layers, trace.metric, trace.schedule == "global"
-    cuts = _Cuts(net, data)
+    scored_in = score_fn.run_metric(metric)  # the criterion's own metric (loss: "loss")
+    cuts = _Cuts(net, data, memo)
     held = _Cuts(net, eval_data) if eval_data is not None else None
+    sizes = [net.unit(name).num_filters for name in layers]
     for name, f in zip(trace.removed_layers, trace.removed):
         net.remove(name, [f])
 
@@ -192,7 +232,7 @@ def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
             row["filters_remaining"] = after["filters_remaining"]
             if network_wide:
                 row["layer_remaining"] = len(net.kept(c.layer)) if c else None
-            lo, hi = (_interval(tallies[c.layer], c.filter, metric, interval, trace.seed)
+            lo, hi = (_interval(tallies[c.layer], c.filter, scored_in, interval, trace.seed)
                       if c else (math.nan, math.nan))
             row.update(score=c.score if c else math.nan, score_lo=lo, score_hi=hi,
                        tie_size=n_tied, tie_break=rule, scoring_acc=after["scoring_acc"],
@@ -200,7 +240,8 @@ def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
             trace.steps.append(row)
 
     if not trace.steps:
-        record(0, [], {}, None)
+        trace.scoring_top1 = measure(cuts.get(layers[0]), "top1")[0]
+        record(0, [], {}, trace.scoring_top1 if metric == "top1" else None)
         save(trace)
     bar = tqdm(total=n_remove, initial=len(trace.removed), leave=False,
                desc=f"{trace.criterion:>6} {trace.layer}",
@@ -221,7 +262,13 @@ def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
                 trace.initial_scores[name] = full
             cands += [Candidate(name, f, s) for f, s in zip(kept, values)]
 
-        def tie_loss(group: list[Candidate], tallies: dict = tallies) -> list[float]:
+        step = trace.steps[-1]["step"] + 1
+
+        def tie_key(group: list[Candidate], tallies: dict = tallies, step: int = step
+                    ) -> list[float]:
+            if score_fn.tie_break == "random":
+                draws = random_keys(trace.seed, step, layers, sizes)
+                return [draws[(c.layer, c.filter)] for c in group]
             inc = {}
             for name in dict.fromkeys(c.layer for c in group):
                 t = tallies[name] or tally(cuts.get(name), [c.filter for c in group
@@ -231,18 +278,20 @@ def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
             return [inc[(c.layer, c.filter)] for c in group]
 
         room = {name: len(net.kept(name)) - min_keep[name] for name in layers}
-        picks = choose(cands, min(k, n_remove - len(trace.removed)), room, tie_loss, layers)
+        picks = choose(cands, min(k, n_remove - len(trace.removed)), room, tie_key, layers,
+                       score_fn.tie_break)
         if not picks:  # unreachable when n_remove was checked against the per-layer minimums
             raise CarlibError(f"no filter of {trace.layer} can be removed any more")
         for c, _, _ in picks:
             net.remove(c.layer, [c.filter])
             trace.removed.append(c.filter)
             trace.removed_layers.append(c.layer)
-        acc = None
-        if len(picks) == 1 and tallies[picks[0][0].layer] is not None and metric != "loss":
+        acc = None  # the tally of the removed filter already counted the new accuracy
+        if (len(picks) == 1 and tallies[picks[0][0].layer] is not None and metric != "loss"
+                and topk_of(scored_in) == topk_of(metric)):
             t, f = tallies[picks[0][0].layer], picks[0][0].filter
             acc = int(t.correct[t.candidates.index(f)]) / t.n
-        record(trace.steps[-1]["step"] + 1, picks, tallies, acc)
+        record(step, picks, tallies, acc)
         save(trace)
         bar.update(len(picks))
         bar.set_postfix(acc=f"{trace.steps[-1]['scoring_acc']:.3f}")
@@ -250,10 +299,10 @@ def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
     return trace
 
 
-def _run(model: nn.Module, trace: Trace, data: Iterable, eval_data: Iterable | None,
-         n_remove: int | Callable[[MaskedNet], int], min_keep: dict[str, int] | int, k: int,
-         interval: str, progress: bool, state: RunState | None, parts: dict, mode: str
-         ) -> Trace:
+def _run(model: nn.Module, trace: Trace, criterion: str | Criterion, data: Iterable,
+         eval_data: Iterable | None, n_remove: int | Callable[[MaskedNet], int],
+         min_keep: dict[str, int] | int, k: int, interval: str, progress: bool,
+         state: RunState | None, parts: dict, mode: str, memo: TallyMemo | None) -> Trace:
     """Set up the masked net and the saved state, then run the greedy loop."""
     check_metric(trace.metric)
     check_mode(mode)
@@ -262,7 +311,9 @@ def _run(model: nn.Module, trace: Trace, data: Iterable, eval_data: Iterable | N
     if interval not in METHODS:
         raise CarlibError(f"unknown interval method '{interval}'; valid: {', '.join(METHODS)}")
     layers = trace.layers
-    score_fn = get_criterion(trace.criterion, trace.seed,
+    if memo is not None:
+        memo.check(model, data)
+    score_fn = get_criterion(criterion, trace.seed,
                              layers if trace.schedule == "global" else None, mode)
     with eval_mode(model), torch.no_grad():
         net = MaskedNet(model)
@@ -275,21 +326,27 @@ def _run(model: nn.Module, trace: Trace, data: Iterable, eval_data: Iterable | N
         if saved is not None:
             trace = Trace.from_state(saved)
         return _prune(net, trace, score_fn, data, eval_data, n, min_keep, k, interval, progress,
-                      (lambda t: state.save(t.to_state(), **parts)) if state else lambda t: None)
+                      (lambda t: state.save(t.to_state(), **parts)) if state else lambda t: None,
+                      memo)
 
 
 def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
-                 criterion: str = "car", *, metric: str = "top1", eval_data: Iterable | None = None,
-                 seed: int = 0, k: int = 1, interval: str = "exact", progress: bool = True,
-                 state: RunState | None = None, mode: str = "fast") -> Trace:
+                 criterion: str | Criterion = "car", *, metric: str = "top1",
+                 eval_data: Iterable | None = None, seed: int = 0, k: int = 1,
+                 interval: str = "exact", progress: bool = True,
+                 state: RunState | None = None, mode: str = "fast",
+                 memo: TallyMemo | None = None) -> Trace:
     """Prune conv `layer` greedily down to `n_keep` filters, `k` per step; model unchanged.
 
     `data` is the scoring set ((inputs, targets) batches); `eval_data`, if given, is the held-out
-    set whose top-1 accuracy is recorded after every step. Criteria: see `carlib.criteria`.
+    set whose top-1 accuracy is recorded after every step. Criteria: see `carlib.criteria` (a
+    name or a `Criterion`; "car" with `metric`: top1 | top5 | loss).
     `interval` ("exact" | "bootstrap", `carlib.stats`) gives CAR rows `score_lo`/`score_hi`
     where the scoring engine provides flip counts. With `state`, progress is saved after every
     step and resumed from there. `progress` shows a bar when output is a terminal. `mode`:
-    the CAR scoring engine's mode (`carlib.scoring`; "naive" is the slow reference).
+    the CAR scoring engine's mode (`carlib.scoring`; "naive" is the slow reference). `memo`: a
+    `carlib.scoring.TallyMemo` shared by runs on the same model and `data`, so the pruned
+    networks they share are counted once (same results, less work).
     """
 
     def n_remove(net: MaskedNet) -> int:
@@ -299,19 +356,21 @@ def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
                               f"use 1..{n_filters} (it has {n_filters} filters)")
         return n_filters - n_keep
 
-    trace = Trace(layer, criterion, metric, seed, 0, layers=[layer])
-    parts = {"schedule": "layerwise", "layer": layer, "criterion": criterion, "metric": metric,
+    name = getattr(criterion, "name", criterion)
+    trace = Trace(layer, name, metric, seed, 0, layers=[layer])
+    parts = {"schedule": "layerwise", "layer": layer, "criterion": name, "metric": metric,
              "seed": seed, "n_keep": n_keep, "k": k, "interval": interval}
-    return _run(model, trace, data, eval_data, n_remove, n_keep, k, interval, progress, state,
-                parts, mode)
+    return _run(model, trace, criterion, data, eval_data, n_remove, n_keep, k, interval,
+                progress, state, parts, mode, memo)
 
 
 def global_prune(model: nn.Module, layers: Sequence[str], data: Iterable,
-                 n_remove: int | None = None, criterion: str = "car", *,
+                 n_remove: int | None = None, criterion: str | Criterion = "car", *,
                  keep_fraction: float | None = None, min_per_layer: int = 1, k: int = 1,
                  metric: str = "top1", eval_data: Iterable | None = None, seed: int = 0,
                  interval: str = "exact", progress: bool = True,
-                 state: RunState | None = None, mode: str = "fast") -> Trace:
+                 state: RunState | None = None, mode: str = "fast",
+                 memo: TallyMemo | None = None) -> Trace:
     """Network-wide greedy pruning of `layers` together (see the module docstring).
 
     Removes `n_remove` filters, or, if None, down to round(keep_fraction x all their filters);
@@ -334,9 +393,10 @@ def global_prune(model: nn.Module, layers: Sequence[str], data: Iterable,
                               f"per layer (min_per_layer >= 1); use n_remove in 0..{most}")
         return n
 
-    trace = Trace("+".join(layers), criterion, metric, seed, 0, schedule="global", layers=layers)
-    parts = {"schedule": "global", "layers": layers, "criterion": criterion, "metric": metric,
+    name = getattr(criterion, "name", criterion)
+    trace = Trace("+".join(layers), name, metric, seed, 0, schedule="global", layers=layers)
+    parts = {"schedule": "global", "layers": layers, "criterion": name, "metric": metric,
              "seed": seed, "n_remove": n_remove, "keep_fraction": keep_fraction,
              "min_per_layer": min_per_layer, "k": k, "interval": interval}
-    return _run(model, trace, data, eval_data, count, min_per_layer, k, interval, progress,
-                state, parts, mode)
+    return _run(model, trace, criterion, data, eval_data, count, min_per_layer, k, interval,
+                progress, state, parts, mode, memo)

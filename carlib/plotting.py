@@ -1,5 +1,6 @@
-"""Plotting helpers over tidy DataFrames: a metric against filters remaining; rank agreement;
-end-of-run accuracy per layer and criterion."""
+"""Plotting helpers over tidy DataFrames: a metric against filters remaining (with CAR's regime
+under each panel's title); rank agreement; end-of-run accuracy per layer and criterion; paired
+differences between criteria."""
 
 from __future__ import annotations
 
@@ -11,19 +12,37 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-STYLE = {"car": ("tab:red", "-"), "random": ("tab:gray", "--"), "l1": ("tab:blue", "-."),
+STYLE = {"car": ("tab:red", "-"), "car_random_tie": ("tab:orange", "--"),
+         "loss": ("tab:brown", "-"), "random": ("tab:gray", "--"), "l1": ("tab:blue", "-."),
          "l2": ("tab:cyan", "-."), "mean_activation": ("tab:green", ":"),
          "apoz": ("tab:olive", ":"), "taylor": ("tab:purple", "--")}
 
 
+def regime_notes(regime: pd.DataFrame, reference: str = "car") -> dict:
+    """Per layer (and `condition`, if a column): "scoring top-1 0.63, car decided 22/24", from
+    regime.csv rows (several seeds: mean top-1, decided removals summed); keys are the layer,
+    or (condition, layer) when the frame has a `condition` column."""
+    keys = ["condition", "layer"] if "condition" in regime else ["layer"]
+    notes = {}
+    for key, g in regime.groupby(keys, sort=False):
+        ref = g[g["criterion"] == reference]
+        text = f"scoring top-1 {g['scoring_top1'].mean():.2f}"
+        if len(ref):
+            n = int(ref["removals"].sum())
+            text += f", {reference} decided {n - int(ref['tied'].sum())}/{n}"
+        notes[key if len(keys) > 1 else key[0]] = text
+    return notes
+
+
 def plot_curves(df: pd.DataFrame, y: str = "heldout_top1", panel: str = "layer",
                 hue: str = "criterion", title: str | None = None,
-                row: str | None = None) -> plt.Figure:
+                row: str | None = None, notes: dict | None = None) -> plt.Figure:
     """`y` against filters remaining: one panel per `panel` value, one curve per `hue` value.
 
     Rows sharing (panel, hue, filters_remaining) (e.g. several seeds) are averaged, with the
     min-max band shaded. Pruning proceeds left to right (x axis inverted). `row`, if given, is a
     column whose values (e.g. models or configurations of a sweep) each get a row of panels.
+    `notes` ({panel: text} or {(row, panel): text}, e.g. `regime_notes`) go under the titles.
     """
     panels = list(dict.fromkeys(df[panel]))
     rows = list(dict.fromkeys(df[row])) if row else [None]
@@ -41,14 +60,14 @@ def plot_curves(df: pd.DataFrame, y: str = "heldout_top1", panel: str = "layer",
                                     alpha=0.15)
             ax.invert_xaxis()
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # filter counts
-            if r is None:
-                ax.set_title(str(p))
-            else:
-                ax.set_title(f"{r}\n{p}", fontsize=9)
+            note = (notes or {}).get(p if r is None else (r, p))
+            head = str(p) if r is None else f"{r}\n{p}"
+            ax.set_title(head + (f"\n{note}" if note else ""), fontsize=10 if r is None else 9)
             ax.set_xlabel("filters remaining")
             ax.grid(alpha=0.3)
         axes[i][0].set_ylabel(f"{y.replace('_', ' ')} (%)")
-    axes[0][-1].legend(title=hue, frameon=False)
+    axes[0][-1].legend(title=hue, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1),
+                       fontsize=9)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -145,5 +164,61 @@ def plot_compression(df: pd.DataFrame) -> plt.Figure:
         ax.set_xticks(list(x), labels)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{df.model.iat[0]} on {df.dataset.iat[0]}: compressing {df.layer.iat[0]}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_differences(diffs: pd.DataFrame, paired: pd.DataFrame | None = None,
+                     row: str | None = None, title: str | None = None) -> plt.Figure:
+    """Forest plot of paired differences in held-out top-1 (percentage points), CAR minus
+    another criterion: one panel per layer (and `row` value), one line per criterion compared
+    (comparisons naming the same criterion, e.g. the next best being the loss criterion,
+    share a line), labelled with the mean and its interval.
+
+    `diffs` has differences.csv's rows (experiments/aggregate.py): the mean over seeds with its
+    95% interval is drawn black. `paired` (paired.csv rows), if given, adds each seed's own
+    difference with its 95% interval over held-out images, in color, just below.
+    """
+    rows = list(dict.fromkeys(diffs[row])) if row else [None]
+    layers = {r: list(dict.fromkeys((diffs[diffs[row] == r] if row else diffs)["layer"]))
+              for r in rows}
+    ncol = max(len(v) for v in layers.values())
+    lines = diffs.groupby(["layer", *([row] if row else [])], sort=False)["versus"].nunique()
+    fig, axes = plt.subplots(len(rows), ncol, squeeze=False,
+                             figsize=(5.2 * ncol, 1.2 + 0.62 * int(lines.max()) * len(rows)))
+    for i, r in enumerate(rows):
+        for j in range(ncol):
+            ax = axes[i][j]
+            if j >= len(layers[r]):
+                ax.set_visible(False)
+                continue
+            layer = layers[r][j]
+            sub = diffs[(diffs["layer"] == layer) & (diffs[row] == r if row else True)]
+            labels = []
+            for y, (versus, g) in enumerate(sub.groupby("versus", sort=False)):
+                d = g.iloc[0]
+                labels.append(f"vs {versus} ({', '.join(g['comparison'])})\n"
+                              f"{d.diff_mean * 100:+.1f} [{d.diff_lo * 100:+.1f}, "
+                              f"{d.diff_hi * 100:+.1f}], n={d.n_seeds}")
+                color = STYLE.get(versus, ("tab:gray", "-"))[0]
+                if paired is not None:
+                    p = paired[(paired["layer"] == layer) & (paired["criterion"] == "car")
+                               & (paired["versus"] == versus)
+                               & (paired[row] == r if row and row in paired else True)]
+                    offsets = np.linspace(0.12, 0.38, max(len(p), 1))
+                    for off, q in zip(offsets, p.itertuples()):
+                        ax.plot([q.lo * 100, q.hi * 100], [y + off] * 2, color=color, lw=1,
+                                alpha=0.7)
+                        ax.plot(q.diff * 100, y + off, "o", color=color, ms=3.5)
+                ax.plot([d.diff_lo * 100, d.diff_hi * 100], [y, y], color="k", lw=2.5)
+                ax.plot(d.diff_mean * 100, y, "D", color="k", ms=6)
+            ax.axvline(0, color="0.4", lw=1, ls="--")
+            ax.set_yticks(range(len(labels)), labels, fontsize=8)
+            ax.set_ylim(len(labels) - 0.45, -0.6)
+            ax.set_xlabel("CAR minus other: held-out top-1 (pp)", fontsize=9)
+            ax.set_title(str(layer) if r is None else f"{r}: {layer}", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

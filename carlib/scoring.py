@@ -61,6 +61,7 @@ class LayerData:
         self._engine: _Engine | None = None
         self.fallback: str | None = None  # why the fast path is not used, once known
         self.item_bytes: int | None = None  # peak suffix activation bytes per image, x3
+        self.memo: TallyMemo | None = None  # tallies shared with other runs (see TallyMemo)
 
     @torch.no_grad()
     def __iter__(self) -> Iterator[tuple[tuple, torch.Tensor]]:
@@ -127,6 +128,44 @@ class Tally:
 
     def loss_increase(self) -> torch.Tensor:
         return (self.loss - self.base_loss) / self.n
+
+
+class TallyMemo:
+    """Tallies of one model on one scoring set, kept by pruned state, for greedy runs to share.
+
+    A tally depends only on the weights, the scoring data, the masks of every layer and the
+    call's arguments, so runs that reach the same pruned network count it once: CAR and its
+    random-tie ablation until their first tie, and the first step of every CAR-family run.
+    Exact: a hit returns what the same call would compute. `greedy_prune(memo=...)` checks that
+    one memo serves one model and one data object.
+    """
+
+    def __init__(self) -> None:
+        self._owner: tuple[int, int] | None = None
+        self._store: dict[tuple, Tally] = {}
+        self.hits = 0
+
+    def check(self, model: nn.Module, data: Iterable) -> None:
+        owner = (id(model), id(data))
+        if self._owner is None:
+            self._owner = owner
+        elif self._owner != owner:
+            raise CarlibError("a TallyMemo serves one model and one scoring set; make a new "
+                              "TallyMemo() for other ones")
+
+    @staticmethod
+    def key(cut: LayerData, *args: object) -> tuple:
+        masks = tuple(tuple(cut.net.kept(n)) for n in cut.net.units)
+        return (cut.layer, masks, *args)
+
+    def get(self, key: tuple) -> Tally | None:
+        found = self._store.get(key)
+        self.hits += found is not None
+        return found
+
+    def put(self, key: tuple, t: Tally) -> Tally:
+        self._store[key] = t
+        return t
 
 
 class _Counts:
@@ -341,6 +380,16 @@ def tally(cut: LayerData, candidates: list[int], metric: str = "top1", chunk: in
     """
     check_metric(metric)
     check_mode(mode)
+    if cut.memo is not None:
+        key = TallyMemo.key(cut, tuple(candidates), topk_of(metric), chunk, mode, per_class,
+                            max_bytes, rtol)
+        return cut.memo.get(key) or cut.memo.put(key, _tally(
+            cut, candidates, metric, chunk, mode, per_class, max_bytes, rtol))
+    return _tally(cut, candidates, metric, chunk, mode, per_class, max_bytes, rtol)
+
+
+def _tally(cut: LayerData, candidates: list[int], metric: str, chunk: int, mode: str,
+           per_class: bool, max_bytes: int, rtol: float | None) -> Tally:
     if mode == "naive":
         return naive_tally(cut.net, cut.layer, cut.data, candidates, metric, per_class=per_class)
     counts = _Counts(candidates, topk_of(metric), per_class)

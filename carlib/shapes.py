@@ -1,19 +1,31 @@
 """Generated color/shape image dataset (fast, deterministic, vectorized numpy).
 
-Each image holds one filled shape with a random position, scale, rotation and color on a
-random uniform background, plus Gaussian pixel noise. Shapes are rasterized from signed
+Each image holds one filled shape (the label) with a random position, scale, rotation and color
+on a random uniform background, plus Gaussian pixel noise. Shapes are rasterized from signed
 distance functions (convex polygons as half-plane intersections, unions as a minimum), with
 about one pixel of analytic antialiasing, so no per-image Python drawing loop is needed.
+
+The task's difficulty is set by the generator's knobs (`make_shapes`): how many shape classes
+(up to 14, some alike at 32x32: pentagon/hexagon/circle, square/diamond), the luma contrast
+between shape and background, the shape's size, pixel noise, smaller *distractor* shapes of
+any class drawn behind the labelled one, and thin *occluder* bars drawn across it.
+`HARD` is the preset of the `shapes_hard` dataset: a task that a small CNN cannot fit, so
+removing one filter changes many of its decisions (CAR's regime; see REPRODUCING.md).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from carlib.errors import CarlibError
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star", "ring")
+ALL_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star", "ring",
+                               "pentagon", "hexagon", "semicircle", "arrow", "tee", "ell",
+                               "diamond", "crescent")
+SHAPES: tuple[str, ...] = ALL_SHAPES[:6]  # the default task's classes
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -28,6 +40,13 @@ _MIN_LUMA_GAP = 0.25  # |luma(fg) - luma(bg)| on a 0..1 scale, random-color mode
 _MIN_RGB_GAP = 0.45  # Euclidean RGB distance on a 0..1 scale, palette mode
 _JITTER = 20  # per-channel uniform jitter (0..255 scale) of palette colors
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_DISTRACTOR_RADIUS = (0.10, 0.18)  # distractor circumradius, fraction of the image size
+_OCCLUDER_WIDTH = (0.04, 0.08)  # occluder bar width, fraction of the image size
+
+# Preset of the `shapes_hard` dataset (conf/data/shapes_hard.yaml repeats it; a test checks).
+GENERATOR_KEYS = ("noise", "classes", "contrast", "radius", "distractors", "occluders")
+HARD: dict = {"classes": 10, "contrast": (0.12, 0.7), "radius": (0.2, 0.36), "noise": 0.06,
+              "distractors": 1, "occluders": 0}
 
 
 def _regular_polygon(k: int, phase: float, radius: float = 1.0) -> np.ndarray:
@@ -56,6 +75,16 @@ def _box(hx: float, hy: float) -> np.ndarray:
     return np.array([[-hx, -hy], [hx, -hy], [hx, hy], [-hx, hy]])
 
 
+def _rect(x0: float, x1: float, y0: float, y1: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+
+
+def _half_disk(points: int = 16) -> np.ndarray:
+    """A half disk (convex, CCW), shifted so its centroid is near the origin."""
+    a = np.linspace(0, np.pi, points + 1)
+    return np.stack([np.cos(a), np.sin(a) - 4 / (3 * np.pi)], axis=1)
+
+
 def _halfplanes(poly: np.ndarray) -> np.ndarray:
     """(edges x 3) rows (nx, ny, c): inside a CCW convex polygon iff nx*x + ny*y - c <= 0."""
     p0, p1 = poly, np.roll(poly, -1, axis=0)
@@ -72,15 +101,28 @@ _PIECES: dict[str, list[np.ndarray]] = {
     "triangle": [_halfplanes(_regular_polygon(3, np.pi / 2))],
     "cross": [_halfplanes(_box(0.95, 0.3)), _halfplanes(_box(0.3, 0.95))],
     "star": [_halfplanes(k) for k in _star_kites()],
+    "pentagon": [_halfplanes(_regular_polygon(5, np.pi / 2))],
+    "hexagon": [_halfplanes(_regular_polygon(6, 0.0))],
+    "semicircle": [_halfplanes(_half_disk())],
+    "arrow": [_halfplanes(np.array([[-0.65, 0.1], [0.65, 0.1], [0.0, 1.0]])),
+              _halfplanes(_rect(-0.2, 0.2, -1.0, 0.1))],
+    "tee": [_halfplanes(_rect(-0.9, 0.9, 0.45, 0.85)), _halfplanes(_rect(-0.2, 0.2, -0.9, 0.45))],
+    "ell": [_halfplanes(_rect(-0.7, -0.3, -0.9, 0.9)), _halfplanes(_rect(-0.7, 0.7, -0.9, -0.5))],
+    "diamond": [_halfplanes(np.array([[0.0, -1.0], [0.55, 0.0], [0.0, 1.0], [-0.55, 0.0]]))],
 }
 _RING_MID, _RING_HALF_WIDTH = 0.72, 0.28  # ring: outer radius 1, inner radius 0.44
+_CRESCENT_CUT = (0.45, 0.85)  # crescent: unit disk minus a disk (center offset, radius)
 
 
-def class_names(color_label: bool = False) -> list[str]:
-    """Class names in label order: shapes, or "<color> <shape>" when color is in the label."""
+def class_names(color_label: bool = False, classes: int = len(SHAPES)) -> list[str]:
+    """Class names in label order: the first `classes` shapes of ALL_SHAPES, or
+    "<color> <shape>" when color is in the label."""
+    if not 2 <= classes <= len(ALL_SHAPES):
+        raise CarlibError(f"classes={classes}: the generator draws 2..{len(ALL_SHAPES)} shapes")
+    shapes = ALL_SHAPES[:classes]
     if not color_label:
-        return list(SHAPES)
-    return [f"{c} {s}" for s in SHAPES for c in COLORS]
+        return list(shapes)
+    return [f"{c} {s}" for s in shapes for c in COLORS]
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -88,18 +130,26 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def _draw_colors(
-    rng: np.random.Generator, color_idx: np.ndarray | None, n: int
+    rng: np.random.Generator, color_idx: np.ndarray | None, n: int,
+    contrast: tuple[float, float] = (_MIN_LUMA_GAP, 1.0)
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground and background colors (n x 3, float32 in 0..1) with guaranteed contrast."""
+    """Foreground and background colors (n x 3, float32 in 0..1); in random-color mode their
+    luma gap lies in `contrast` (low, high), in palette mode their RGB distance is large."""
     if color_idx is None:
+        lo, hi = contrast
+
+        def bad_pairs() -> np.ndarray:
+            gap = np.abs(_luma(fg) - _luma(bg))
+            return (gap < lo) | (gap > hi)
+
         fg = rng.random((n, 3), dtype=np.float32)
         bg = rng.random((n, 3), dtype=np.float32)
-        bad = np.abs(_luma(fg) - _luma(bg)) < _MIN_LUMA_GAP
+        bad = bad_pairs()
         while bad.any():  # rejection sampling; deterministic given the rng
             m = int(bad.sum())
             fg[bad] = rng.random((m, 3), dtype=np.float32)
             bg[bad] = rng.random((m, 3), dtype=np.float32)
-            bad = np.abs(_luma(fg) - _luma(bg)) < _MIN_LUMA_GAP
+            bad = bad_pairs()
         return fg, bg
     palette = np.array(list(COLORS.values()), dtype=np.float32)
     jitter = rng.uniform(-_JITTER, _JITTER, (n, 3)).astype(np.float32)
@@ -127,11 +177,15 @@ def _sdf(
     r (circumradius in pixels) are B x 1 x 1. Polygon distances are exact inside and a lower
     bound outside, which is all the antialiasing needs.
     """
-    if shape in ("circle", "ring"):
+    if shape in ("circle", "ring", "crescent"):
         rho = np.sqrt(u * u + v * v)
         if shape == "circle":
             return rho - r
-        return np.abs(rho - _RING_MID * r) - _RING_HALF_WIDTH * r
+        if shape == "ring":
+            return np.abs(rho - _RING_MID * r) - _RING_HALF_WIDTH * r
+        off, cut = _CRESCENT_CUT
+        du, dv = u - cos * off * r, v - sin * off * r
+        return np.maximum(rho - r, cut * r - np.sqrt(du * du + dv * dv))
     out = None
     for planes in _PIECES[shape]:
         piece = None
@@ -145,52 +199,106 @@ def _sdf(
     return out
 
 
+def _alpha(shapes: Sequence[str], idx: np.ndarray, cx: np.ndarray, cy: np.ndarray,
+           theta: np.ndarray, radius: np.ndarray, size: int) -> np.ndarray:
+    """Coverage (B x size x size, 0..1) of shape `shapes[idx[b]]` drawn in each image b."""
+    grid = np.arange(size, dtype=np.float32) + 0.5
+    alpha = np.zeros((len(idx), size, size), dtype=np.float32)
+    for s, shape in enumerate(shapes):
+        sel = np.flatnonzero(idx == s)
+        if sel.size == 0:
+            continue
+        u = grid[None, None, :] - cx[sel, None, None]
+        v = grid[None, :, None] - cy[sel, None, None]
+        th = theta[sel, None, None]
+        d = _sdf(shape, u, v, np.cos(th), np.sin(th), radius[sel, None, None])
+        alpha[sel] = np.clip(0.5 - d, 0.0, 1.0)  # ~1 px antialiased edge
+    return alpha
+
+
+def _bars(cx: np.ndarray, cy: np.ndarray, theta: np.ndarray, width: np.ndarray,
+          size: int) -> np.ndarray:
+    """Coverage (B x size x size) of one straight bar across each image (an occluder)."""
+    grid = np.arange(size, dtype=np.float32) + 0.5
+    u = grid[None, None, :] - cx[:, None, None]
+    v = grid[None, :, None] - cy[:, None, None]
+    d = np.abs(-np.sin(theta)[:, None, None] * u + np.cos(theta)[:, None, None] * v)
+    return np.clip(0.5 - (d - width[:, None, None] / 2), 0.0, 1.0)
+
+
+def _blend(img: np.ndarray, alpha: np.ndarray, color: np.ndarray) -> np.ndarray:
+    """Paint `color` (B x 3) over `img` (B x 3 x S x S, 0..1) with coverage `alpha`."""
+    a = alpha[:, None]
+    return img * (1 - a) + color[:, :, None, None] * a
+
+
 def make_shapes(
-    n: int, seed: int, size: int = 32, color_label: bool = False, noise: float = 0.05
+    n: int, seed: int, size: int = 32, color_label: bool = False, noise: float = 0.05, *,
+    classes: int = len(SHAPES), contrast: Sequence[float] = (_MIN_LUMA_GAP, 1.0),
+    radius: Sequence[float] = (_MIN_RADIUS, _MAX_RADIUS), distractors: int = 0,
+    occluders: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Generate `n` shape images; deterministic for (n, seed, size, color_label, noise).
+    """Generate `n` shape images; deterministic for the seed and every argument.
 
     Returns (images uint8 N x 3 x size x size, labels int64 N, class names). The label is the
-    shape index, or ``shape_index * len(COLORS) + color_index`` when `color_label` (then the
-    foreground is a jittered palette color on a low-saturation background). Otherwise the
-    foreground and background are random RGB colors whose luma differs by at least 0.25.
-    Classes are balanced (counts differ by at most one). `noise` is the std of additive
-    Gaussian pixel noise as a fraction of 255.
+    index of the shape (the first `classes` of ALL_SHAPES), or ``shape_index * len(COLORS) +
+    color_index`` when `color_label` (then the foreground is a jittered palette color on a
+    low-saturation background). Otherwise the foreground and background are random RGB colors
+    whose luma gap lies in `contrast` (low, high; 0..1). `radius` (low, high) bounds the
+    shape's circumradius as a fraction of `size`. `distractors` smaller shapes of random class
+    and color are drawn behind the labelled shape, and `occluders` thin bars of random color
+    across the image in front of it. Classes are balanced (counts differ by at most one).
+    `noise` is the std of additive Gaussian pixel noise as a fraction of 255.
     """
     if n < 0 or size < 8:
         raise CarlibError(f"make_shapes needs n >= 0 and size >= 8 (got n={n}, size={size}).")
     if noise < 0:
         raise CarlibError(f"make_shapes needs noise >= 0 (got {noise}); use 0 for no noise.")
+    lo_c, hi_c = (float(v) for v in contrast)
+    lo_r, hi_r = (float(v) for v in radius)
+    if not 0 <= lo_c < hi_c <= 1 or lo_c > 0.9:
+        raise CarlibError(f"contrast={list(contrast)}: give (low, high) luma gaps with "
+                          "0 <= low < high <= 1 and low <= 0.9")
+    if not 0 < lo_r <= hi_r <= 0.5:
+        raise CarlibError(f"radius={list(radius)}: give (low, high) fractions of the image "
+                          "size with 0 < low <= high <= 0.5")
+    if distractors < 0 or occluders < 0:
+        raise CarlibError(f"distractors={distractors}, occluders={occluders}: use counts >= 0")
     rng = np.random.default_rng(seed)
-    names = class_names(color_label)
+    names = class_names(color_label, classes)
+    shapes = ALL_SHAPES[:classes]
     labels = rng.permutation(np.arange(n) % len(names))
     n_col = len(COLORS)
     shape_idx = labels // n_col if color_label else labels
-    fg, bg = _draw_colors(rng, labels % n_col if color_label else None, n)
-    radius = rng.uniform(_MIN_RADIUS, _MAX_RADIUS, n).astype(np.float32) * size
-    cx = rng.uniform(radius, size - radius).astype(np.float32)
-    cy = rng.uniform(radius, size - radius).astype(np.float32)
+    fg, bg = _draw_colors(rng, labels % n_col if color_label else None, n, (lo_c, hi_c))
+    rad = rng.uniform(lo_r, hi_r, n).astype(np.float32) * size
+    cx = rng.uniform(rad, size - rad).astype(np.float32)
+    cy = rng.uniform(rad, size - rad).astype(np.float32)
     theta = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
+    # clutter from its own stream, so the settings without it give the same images as before
+    extra = np.random.default_rng([seed, 1])
+    dis = [(extra.integers(0, len(ALL_SHAPES), n),
+            extra.uniform(0, size, (2, n)).astype(np.float32),
+            extra.uniform(0, 2 * np.pi, n).astype(np.float32),
+            (extra.uniform(*_DISTRACTOR_RADIUS, n) * size).astype(np.float32),
+            extra.random((n, 3), dtype=np.float32)) for _ in range(distractors)]
+    occ = [(extra.uniform(0, size, (2, n)).astype(np.float32),
+            extra.uniform(0, np.pi, n).astype(np.float32),
+            (extra.uniform(*_OCCLUDER_WIDTH, n) * size).astype(np.float32),
+            extra.random((n, 3), dtype=np.float32)) for _ in range(occluders)]
 
     images = np.empty((n, 3, size, size), dtype=np.uint8)
-    grid = np.arange(size, dtype=np.float32) + 0.5
     for start in range(0, n, _CHUNK):
         sl = slice(start, min(start + _CHUNK, n))
-        m = sl.stop - sl.start
-        alpha = np.empty((m, size, size), dtype=np.float32)
-        for s, shape in enumerate(SHAPES):
-            sel = np.flatnonzero(shape_idx[sl] == s)
-            if sel.size == 0:
-                continue
-            g = sl.start + sel
-            u = grid[None, None, :] - cx[g, None, None]
-            v = grid[None, :, None] - cy[g, None, None]
-            th = theta[g, None, None]
-            d = _sdf(shape, u, v, np.cos(th), np.sin(th), radius[g, None, None])
-            alpha[sel] = np.clip(0.5 - d, 0.0, 1.0)  # ~1 px antialiased edge
-        a = alpha[:, None]
-        img = bg[sl, :, None, None] * (1 - a) + fg[sl, :, None, None] * a
-        img *= 255
+        img = np.broadcast_to(bg[sl, :, None, None], (sl.stop - sl.start, 3, size, size))
+        for kind, (x, y), th, r, color in dis:
+            img = _blend(img, _alpha(ALL_SHAPES, kind[sl], x[sl], y[sl], th[sl], r[sl], size),
+                         color[sl])
+        img = _blend(img, _alpha(shapes, shape_idx[sl], cx[sl], cy[sl], theta[sl], rad[sl],
+                                 size), fg[sl])
+        for (x, y), th, w, color in occ:
+            img = _blend(img, _bars(x[sl], y[sl], th[sl], w[sl], size), color[sl])
+        img = img * 255
         if noise > 0:
             img += rng.standard_normal(img.shape, dtype=np.float32) * (noise * 255)
         np.clip(img + 0.5, 0, 255, out=img)

@@ -1,4 +1,5 @@
-"""Uncertainty of CAR values: 95% intervals from the paired outcomes over the scoring images.
+"""Uncertainty of CAR values and of differences between criteria: 95% intervals from paired
+outcomes over images, and over seeds.
 
 Removing a filter is a paired comparison: each scoring image i is classified with and without
 the filter, and its outcome changes by d_i = +1 (right -> wrong), -1 (wrong -> right) or 0.
@@ -15,6 +16,8 @@ CAR = mean(d_i) = (n10 - n01) / n.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -64,3 +67,38 @@ def car_interval(n10: object, n01: object, n: int, *, level: float = 0.95,
         q = (1 - level) / 2
         return np.quantile(car, q, axis=0), np.quantile(car, 1 - q, axis=0)
     raise CarlibError(f"unknown interval method '{method}'; valid: {', '.join(METHODS)}")
+
+
+def paired_difference(hits_a: object, hits_b: object, *, level: float = 0.95,
+                      method: str = "exact", seed: int = 0) -> dict:
+    """Accuracy of A minus accuracy of B on the same images, with its interval.
+
+    The two networks classify the same n images: n_ab are right for A only, n_ba for B only,
+    and diff = (n_ab - n_ba) / n; the interval is `car_interval` of those discordant counts
+    (exact: conditional on the n_ab + n_ba discordant images; or bootstrap over images).
+    """
+    a = np.asarray(hits_a, dtype=bool)
+    b = np.asarray(hits_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise CarlibError(f"paired hits must be two equal, non-empty vectors (got {a.shape} and "
+                          f"{b.shape})")
+    n, n_ab, n_ba = len(a), int((a & ~b).sum()), int((~a & b).sum())
+    lo, hi = car_interval(n_ab, n_ba, n, level=level, method=method, seed=seed)
+    return {"n": n, "top1": a.mean(), "top1_versus": b.mean(), "diff": (n_ab - n_ba) / n,
+            "lo": float(lo), "hi": float(hi), "n_ab": n_ab, "n_ba": n_ba}
+
+
+def mean_interval(values: object, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student-t interval of the mean of independent values (e.g. one
+    paired difference per seed); low = high = mean for a single value."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return math.nan, math.nan, math.nan
+    m = float(v.mean())
+    if len(v) == 1:
+        return m, m, m
+    half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return m, m - half, m + half

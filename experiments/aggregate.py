@@ -12,7 +12,19 @@ folder given):
 - `runs.csv`: one row per run with its overrides;
 - `summary.csv` (from curves.csv): held-out top-1 at the end of each greedy run, mean, std and n
   over seeds (`--over`) per model, dataset, layer, criterion and configuration (the overrides
-  that differ between runs, e.g. a swept `method.metric`).
+  that differ between runs, e.g. a swept `method.metric`); with regime.csv, CAR's regime
+  beside it: `scoring_top1` (the full network's scoring top-1, mean over seeds),
+  `decided` (the share of this criterion's removals its score decided without a tie, pooled
+  over seeds) and `car_decided` (the same for `car` on that layer);
+- `differences.csv` (from paired.csv and the summary): CAR minus the next best criterion (the
+  best mean end accuracy other than CAR and its random-tie ablation), minus the loss
+  criterion, minus its random-tie ablation and minus the best baseline, per layer: the mean
+  paired difference over seeds with its Student-t 95% interval, and how many seeds' own
+  held-out intervals (paired.csv) lie above or below 0;
+- `color_summary.csv` (from color_counts.csv): per layer and criterion, the color-selective
+  filters among the top-K pruned summed over the runs (seeds) against the sum expected at
+  random, with the exact pooled test (`carlib.color.pooled_color_count`), and the mean over
+  runs of the threshold-free color index of the top-K and of the layer.
 
     python experiments/aggregate.py outputs/multirun/2026-01-01_12-00-00
     python experiments/aggregate.py outputs/prune/run1 outputs/prune/run2 --out results/study
@@ -30,10 +42,14 @@ import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from carlib.color import pooled_color_count
+from carlib.criteria import CAR_FAMILY
 from carlib.errors import CarlibError
 from carlib.results import write_csv
+from carlib.stats import mean_interval
 
-RUNS, SUMMARY = "runs.csv", "summary.csv"
+RUNS, SUMMARY, DIFFERENCES = "runs.csv", "summary.csv", "differences.csv"
+COLOR_SUMMARY = "color_summary.csv"
 SKIP_DIRS = {".hydra", "state", "wandb", ".submitit"}   # never run folders or results
 # Overrides (and their sub-keys) that are never a configuration of their own: what a row
 # already names (criterion, layer), what is averaged over (seed), and what leaves the
@@ -42,7 +58,12 @@ NOT_CONDITIONS = ("run", "seed", "method.criteria", "method.layers", "paths", "l
                   "progress", "method.resume", "method.state_dir", "method.scoring.mode")
 # Columns of summary.csv other than the configuration columns.
 SUMMARY_COLUMNS = ("model", "dataset", "layer", "criterion", "filters_remaining", "n",
-                   "heldout_top1_mean", "heldout_top1_std", "heldout_top1_full")
+                   "heldout_top1_mean", "heldout_top1_std", "heldout_top1_full",
+                   "scoring_top1", "decided", "car_decided")
+# Columns of differences.csv other than the configuration columns.
+DIFFERENCE_COLUMNS = ("model", "dataset", "layer", "comparison", "criterion", "versus",
+                      "n_seeds", "diff_mean", "diff_lo", "diff_hi", "seeds_above",
+                      "seeds_below")
 
 
 def _natural(path: Path) -> list[tuple[int, int | str]]:
@@ -113,6 +134,8 @@ def pruned_unit(curves: pd.DataFrame) -> pd.Series:
     """What each row's greedy run pruned: its layer, or for a network-wide run (rows with
     `layer_remaining`) the layers it removed filters from, joined with '+'."""
     unit = curves["layer"].astype("string")
+    if "layers" in curves:  # written by network-wide runs: all their listed layers
+        return unit.where(curves["layers"].isna(), curves["layers"].astype("string"))
     if "layer_remaining" not in curves:
         return unit
     keys = ["run"] if "run" in curves else []
@@ -122,10 +145,12 @@ def pruned_unit(curves: pd.DataFrame) -> pd.Series:
     return unit
 
 
-def summarize(curves: pd.DataFrame, conditions: Sequence[str] = ()) -> pd.DataFrame:
+def summarize(curves: pd.DataFrame, conditions: Sequence[str] = (),
+              regime: pd.DataFrame | None = None) -> pd.DataFrame:
     """Held-out top-1 at the end of every greedy run: mean, std and n over the runs sharing
     model, dataset, configuration (`conditions`), layer and criterion (e.g. seeds); plus the
-    mean held-out top-1 of the full network (step 0) as `heldout_top1_full`."""
+    mean held-out top-1 of the full network (step 0) as `heldout_top1_full`, and CAR's regime
+    from `regime` (regime.csv rows) if given (see the module docstring)."""
     df = curves.assign(layer=pruned_unit(curves))
     run_keys = [c for c in ("run", "model", "dataset", *conditions, "layer", "criterion", "seed")
                 if c in df]
@@ -137,8 +162,66 @@ def summarize(curves: pd.DataFrame, conditions: Sequence[str] = ()) -> pd.DataFr
     out = ends.groupby(keys, sort=False, dropna=False).agg(
         n=("heldout_top1", "size"), heldout_top1_mean=("heldout_top1", "mean"),
         heldout_top1_std=("heldout_top1", "std"),
-        heldout_top1_full=("heldout_top1_full", "mean"))
-    return out.reset_index()
+        heldout_top1_full=("heldout_top1_full", "mean")).reset_index()
+    return out if regime is None else _with_regime(out, regime, conditions)
+
+
+def _with_regime(summary: pd.DataFrame, regime: pd.DataFrame, conditions: Sequence[str]
+                 ) -> pd.DataFrame:
+    keys = [c for c in ("model", "dataset", *conditions, "layer") if c in regime]
+    per = regime.groupby([*keys, "criterion"], sort=False, dropna=False).agg(
+        scoring_top1=("scoring_top1", "mean"), removals=("removals", "sum"),
+        tied=("tied", "sum")).reset_index()
+    per["decided"] = 1 - per["tied"] / per["removals"]
+    car = per[per["criterion"] == "car"][[*keys, "decided"]].rename(
+        columns={"decided": "car_decided"})
+    out = summary.merge(per[[*keys, "criterion", "scoring_top1", "decided"]],
+                        on=[*keys, "criterion"], how="left")
+    return out.merge(car, on=keys, how="left")
+
+
+def differences(paired: pd.DataFrame, summary: pd.DataFrame,
+                conditions: Sequence[str] = ()) -> pd.DataFrame:
+    """differences.csv: CAR against the next best criterion, the loss criterion, its random-tie
+    ablation and the best baseline, per layer (see the module docstring)."""
+    keys = [c for c in ("model", "dataset", *conditions, "layer") if c in summary]
+    rows = []
+    for key, g in summary.groupby(keys, sort=False, dropna=False):
+        mean = g.set_index("criterion")["heldout_top1_mean"]
+        if "car" not in mean:
+            continue
+        others = mean.drop([c for c in ("car", "car_random_tie") if c in mean])
+        baselines = mean.drop([c for c in CAR_FAMILY if c in mean])
+        versus = {"next best": others.idxmax() if len(others) else None,
+                  "loss": "loss" if "loss" in mean else None,
+                  "random tie": "car_random_tie" if "car_random_tie" in mean else None,
+                  "best baseline": baselines.idxmax() if len(baselines) else None}
+        sel = paired
+        for k, v in zip(keys, key if isinstance(key, tuple) else (key,)):
+            sel = sel[sel[k].astype("string") == str(v)] if k in sel else sel
+        for comparison, other in versus.items():
+            p = sel[(sel["criterion"] == "car") & (sel["versus"] == other)]
+            if other is None or p.empty:
+                continue
+            m, lo, hi = mean_interval(p["diff"].to_numpy(dtype=float))
+            rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
+                         "comparison": comparison, "criterion": "car", "versus": other,
+                         "n_seeds": len(p), "diff_mean": m, "diff_lo": lo, "diff_hi": hi,
+                         "seeds_above": int((p["lo"] > 0).sum()),
+                         "seeds_below": int((p["hi"] < 0).sum())})
+    return pd.DataFrame(rows)
+
+
+def color_summary(counts: pd.DataFrame, conditions: Sequence[str] = ()) -> pd.DataFrame:
+    """color_summary.csv: color counts of the runs pooled per layer and criterion."""
+    keys = [c for c in ("model", "dataset", *conditions, "layer", "criterion", "index",
+                        "threshold") if c in counts]
+    rows = []
+    for key, g in counts.groupby(keys, sort=False, dropna=False):
+        rows.append({**dict(zip(keys, key)), **pooled_color_count(g.to_dict("records")),
+                     "index_mean_top_k": g["index_mean_top_k"].mean(),
+                     "index_mean_layer": g["index_mean_layer"].mean()})
+    return pd.DataFrame(rows)
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -179,7 +262,17 @@ def aggregate(paths: Sequence[Path], out: Path | None = None,
     if "curves.csv" in tables:
         curves = _read(out / "curves.csv")
         conds = condition_columns(curves, table.columns, over)
-        written.append(write_csv(summarize(curves, conds), out / SUMMARY))
+        regime = _read(out / "regime.csv") if "regime.csv" in tables else None
+        summary = summarize(curves, conds, regime)
+        written.append(write_csv(summary, out / SUMMARY))
+        if "paired.csv" in tables:
+            diffs = differences(_read(out / "paired.csv"), summary, conds)
+            if len(diffs):
+                written.append(write_csv(diffs, out / DIFFERENCES))
+    if "color_counts.csv" in tables:
+        counts = _read(out / "color_counts.csv")
+        conds = condition_columns(counts, table.columns, over)
+        written.append(write_csv(color_summary(counts, conds), out / COLOR_SUMMARY))
     return written
 
 

@@ -15,9 +15,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from carlib.data import DataBundle, load_dataset, make_loader, save_indices, scoring_subset, targets
+from carlib.data import (
+    DataBundle,
+    load_dataset,
+    make_loader,
+    save_indices,
+    scoring_subset,
+    take,
+    targets,
+)
 from carlib.errors import CarlibError
 from carlib.evaluate import evaluate
 from carlib.models import build_model, load_checkpoint, save_checkpoint
@@ -87,6 +95,10 @@ def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
 
 
 def load_data(cfg: DictConfig) -> DataBundle:
+    """The run's dataset; for scripts that score (a `method` group), the scoring split is
+    checked here, before any training."""
+    if "method" in cfg:
+        scoring_split(cfg)
     d = cfg.data
     tf = None
     if d.name == "imagenet" and cfg.model.get("weights"):
@@ -95,9 +107,14 @@ def load_data(cfg: DictConfig) -> DataBundle:
         enum = {"alexnet": torchvision.models.AlexNet_Weights,
                 "resnet50": torchvision.models.ResNet50_Weights}.get(cfg.model.name)
         tf = enum[cfg.model.weights].transforms() if enum is not None else None
-    return load_dataset(d.name, d.root, seed=cfg.seed, n_train=d.n_train, n_test=d.n_test,
+    generator = d.get("generator")
+    bundle = load_dataset(d.name, d.root, seed=cfg.seed, n_train=d.n_train, n_test=d.n_test,
                         image_size=d.image_size, color_label=d.color_label, download=d.download,
-                        weights_transforms=tf)
+                        weights_transforms=tf, val_size=d.get("val_size") or 0,
+                        generator=OmegaConf.to_container(generator) if generator else None)
+    if "method" in cfg:
+        bundle.split(scoring_split(cfg))
+    return bundle
 
 
 def model_config(cfg: DictConfig, bundle: DataBundle) -> dict:
@@ -162,15 +179,29 @@ def _model(cfg: DictConfig, bundle: DataBundle,
     return train_model(cfg, bundle, path)
 
 
+def scoring_split(cfg: DictConfig) -> str:
+    """`method.scoring.split` (train | val), checked against the model: pretrained weights
+    were trained on all of the training split, so nothing of it is held out from them."""
+    split = cfg.method.scoring.get("split") or "train"
+    pretrained = cfg.model.get("weights") or cfg.model.get("weights_path")
+    if split == "val" and pretrained:
+        raise CarlibError("method.scoring.split=val holds images out of training, but the "
+                          "pretrained weights were trained on the whole training split; use "
+                          "method.scoring.split=train")
+    return split
+
+
 def scoring_and_heldout(cfg: DictConfig, bundle: DataBundle, out: Path
                         ) -> tuple[Iterable, Iterable]:
-    """Loaders of the fixed scoring subset (train split; indices saved in `out`) and held-out,
-    their batches on the run's `device`."""
+    """Loaders of the fixed scoring subset (of the `method.scoring.split` part of the training
+    data; its indices into the loaded training data saved in `out`) and of the held-out test
+    split, their batches on the run's `device`."""
     s = cfg.method.scoring
-    idx = scoring_subset(targets(bundle.train), s.size, s.seed)
-    save_indices(out / "scoring_indices.txt", idx)
+    part, positions = bundle.split(scoring_split(cfg))
+    idx = scoring_subset(targets(part), s.size, s.seed)
+    save_indices(out / "scoring_indices.txt", idx if positions is None else positions[idx])
     bs, dev = cfg.data.batch_size, device(cfg)
-    loaders = (make_loader(Subset(bundle.train, idx.tolist()), bs), make_loader(bundle.test, bs))
+    loaders = (make_loader(take(part, idx), bs), make_loader(bundle.test, bs))
     if dev.type == "cpu":
         return loaders
     return OnDevice(loaders[0], dev), OnDevice(loaders[1], dev)

@@ -4,7 +4,10 @@ Walks the folders given (recursively, skipping .hydra/, state/, wandb/, .submiti
 CSV named in FIGURES writes its figure(s) next to it. Aggregated folders
 (experiments/aggregate.py) work too: seeds are averaged (curves: mean with the min-max band),
 and configurations that differ between the runs (the override columns of runs.csv beside the
-CSV, or several models/datasets) get their own row of panels or their own bars. A CSV that
+CSV, or several models/datasets) get their own row of panels or their own bars. curves.png
+notes CAR's regime under each panel's title when regime.csv is beside it; differences.png
+(from differences.csv, with paired.csv's per-seed intervals) is drawn per study, and once
+more for all studies together in the folder given when it holds several. A CSV that
 cannot be plotted is named on stderr (exit status 2); the other figures are written all the same.
 Gallery figures (experiments/interpret.py) need the model and are not regenerated.
 
@@ -25,6 +28,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from aggregate import (
+    DIFFERENCE_COLUMNS,
     RUNS,
     SKIP_DIRS,
     SUMMARY_COLUMNS,
@@ -36,7 +40,14 @@ from aggregate import (
 from carlib.classes import plot_class_importance
 from carlib.color import plot_color_counts
 from carlib.errors import CarlibError
-from carlib.plotting import plot_compression, plot_curves, plot_rank_agreement, plot_summary
+from carlib.plotting import (
+    plot_compression,
+    plot_curves,
+    plot_differences,
+    plot_rank_agreement,
+    plot_summary,
+    regime_notes,
+)
 from carlib.results import save_figure
 
 
@@ -47,6 +58,13 @@ class Table:
     df: pd.DataFrame
     conditions: list[str]
     tag: str
+    path: Path | None = None  # the CSV, to find the tables beside it
+
+    def beside(self, name: str) -> pd.DataFrame | None:
+        """The CSV `name` in the same folder, if there is one."""
+        other = self.path.parent / name if self.path is not None else None
+        return (pd.read_csv(other, dtype_backend="numpy_nullable")
+                if other is not None and other.is_file() else None)
 
 
 def _with_condition(t: Table) -> tuple[pd.DataFrame, str | None]:
@@ -72,7 +90,23 @@ def curves_figures(t: Table) -> dict[str, plt.Figure]:
     df = df.assign(layer=pruned_unit(df))
     glob = "layer_remaining" in df and df["layer_remaining"].notna().any()
     what = "network-wide greedy pruning" if glob else "greedy pruning, each layer alone"
-    return {"curves.png": plot_curves(df, title=f"{t.tag}{what}", row=row)}
+    regime = t.beside("regime.csv")
+    notes = None
+    if regime is not None:
+        if row:
+            regime = regime.assign(condition=condition_label(regime, t.conditions))
+        notes = regime_notes(regime)
+    return {"curves.png": plot_curves(df, title=f"{t.tag}{what}", row=row, notes=notes)}
+
+
+def differences_figures(t: Table) -> dict[str, plt.Figure]:
+    df, row = _with_condition(t)
+    paired = t.beside("paired.csv")
+    if paired is not None and row:
+        paired = paired.assign(condition=condition_label(paired, t.conditions))
+    return {"differences.png": plot_differences(
+        df, paired, row=row, title=f"{t.tag}CAR minus other criteria, end of pruning\n"
+        "black: mean over seeds, 95% t-interval; color: each seed, 95% over held-out images")}
 
 
 def rank_agreement_figures(t: Table) -> dict[str, plt.Figure]:
@@ -160,6 +194,7 @@ FIGURES: dict[str, Callable[[Table], dict[str, plt.Figure]]] = {
     "diversity.csv": diversity_figures,
     "summary.csv": summary_figures,
     "compression.csv": compression_figures,
+    "differences.csv": differences_figures,
 }
 
 
@@ -185,17 +220,44 @@ def make_figures(csv: Path) -> dict[str, plt.Figure]:
                       if c in df and df[c].nunique() == 1)
     try:
         return FIGURES[csv.name](Table(df, condition_columns(df, candidates),
-                                       f"{tag}: " if tag else ""))
+                                       f"{tag}: " if tag else "", csv))
     except (KeyError, ValueError, TypeError) as e:
         raise CarlibError(f"{csv}: cannot plot it ({type(e).__name__}: {e}); is it an "
                           "unchanged output of carlib's experiments?") from e
 
 
+def all_differences(root: Path) -> plt.Figure | None:
+    """One differences figure of every study under `root` (folders with differences.csv),
+    a row per study and configuration; None when fewer than two studies have one."""
+    found = [p for p in find_csvs(root) if p.name == "differences.csv"]
+    if len(found) < 2:
+        return None
+    diffs, paired = [], []
+    for p in found:
+        d = pd.read_csv(p, dtype_backend="numpy_nullable")
+        q = pd.read_csv(p.parent / "paired.csv", dtype_backend="numpy_nullable")
+        conds = [c for c in d if c not in DIFFERENCE_COLUMNS]
+        for frame, out in ((d, diffs), (q, paired)):
+            label = pd.Series(str(p.parent.relative_to(root)), index=frame.index)
+            if conds:
+                label = label + "\n" + condition_label(frame, conds)
+            out.append(frame.assign(study=label))
+    return plot_differences(pd.concat(diffs, ignore_index=True),
+                            pd.concat(paired, ignore_index=True), row="study",
+                            title="CAR minus other criteria, end of pruning, every study\nblack: "
+                                  "mean over seeds, 95% t-interval; color: each seed, 95% over "
+                                  "held-out images")
+
+
 def write_figures(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
-    """Write the figures of every known CSV under `paths` beside it; returns the PNG paths
-    and one line per CSV that could not be plotted."""
+    """Write the figures of every known CSV under `paths` beside it, and `all_differences`
+    into each path given; returns the PNG paths and one line per CSV that could not be
+    plotted."""
     written, failed = [], []
     for root in paths:
+        if root.is_dir() and (fig := all_differences(root)) is not None:
+            written.append(save_figure(fig, root / "differences.png"))
+            plt.close(fig)
         csvs = find_csvs(root)
         if not csvs:
             print(f"{root}: no CSVs with figures ({', '.join(FIGURES)})", file=sys.stderr)

@@ -4,7 +4,11 @@
 trained network and prunes that layer alone. `method.schedule=global` (conf/method/global.yaml):
 one run per criterion ranks the filters of all listed layers together. Writes to the run folder:
 curves.csv (one row per removed filter), curves.png (held-out top-1 vs filters remaining),
-scoring_indices.txt (the scoring subset of the training split), rank_agreement.csv/.png (CAR vs
+regime.csv (per run: the full network's scoring top-1 and the share of removals its score
+decided without a tie), paired.csv (the final networks of CAR, its ablations and the loss
+criterion against every other criterion on the same held-out images: difference and 95%
+interval), scoring_indices.txt (the scoring subset, indices into the training data, drawn from
+`method.scoring.split`), rank_agreement.csv/.png (CAR vs
 every criterion on each full layer, `method.rank_agreement`), per_class_car.csv (per-class
 top-1 CAR of every filter of the full layers, `method.per_class`) and state/ (progress after
 every step, `method.resume`: run again with the same `hydra.run.dir=...` to continue); logs
@@ -32,12 +36,15 @@ from carlib import MaskedNet, car_scores
 from carlib.agreement import layer_scores, rank_agreement, scores_from_traces
 from carlib.checkpointing import RunState, fingerprint
 from carlib.classes import per_class_frame
-from carlib.criteria import CRITERIA
+from carlib.criteria import CAR_FAMILY, CRITERIA
 from carlib.data import load_indices
 from carlib.errors import CarlibError
+from carlib.evaluate import image_hits
 from carlib.greedy import Trace, global_prune, greedy_prune
-from carlib.plotting import plot_curves, plot_rank_agreement
+from carlib.plotting import plot_curves, plot_rank_agreement, regime_notes
 from carlib.results import save_figure, write_csv
+from carlib.scoring import TallyMemo
+from carlib.stats import paired_difference
 
 SCHEDULES = ("layerwise", "global")
 
@@ -82,7 +89,35 @@ def run_state(cfg: DictConfig, model: nn.Module, out: Path) -> RunState | None:
     where = Path(cfg.method.state_dir) if cfg.method.state_dir else out / "state"
     return RunState(where, model=fingerprint(model),
                     scoring=load_indices(out / "scoring_indices.txt").tolist(),
+                    split=cfg.method.scoring.split,
                     data=OmegaConf.to_container(cfg.data, resolve=True))
+
+
+def regime_frame(cfg: DictConfig, traces: list[Trace]) -> pd.DataFrame:
+    """regime.csv: one row per greedy run, is it in CAR's regime (`Trace.regime`)."""
+    return pd.DataFrame([{"model": cfg.model.name, "dataset": cfg.data.name, "layer": t.layer,
+                          "criterion": t.criterion, "seed": t.seed,
+                          "scoring_split": cfg.method.scoring.split,
+                          "scoring_size": cfg.method.scoring.size, **t.regime()}
+                         for t in traces])
+
+
+def paired_frame(cfg: DictConfig, model: nn.Module, heldout: object, traces: list[Trace]
+                 ) -> pd.DataFrame:
+    """paired.csv: each CAR-family run's final network against every other criterion's of the
+    same layer, on the same held-out images (`carlib.stats.paired_difference`)."""
+    hits = {(t.layer, t.criterion): image_hits(t.pruned(model), heldout) for t in traces}
+    rows = []
+    for (layer, a), ha in hits.items():
+        if a not in CAR_FAMILY:
+            continue
+        for (other, b), hb in hits.items():
+            if other == layer and b != a:
+                rows.append({"model": cfg.model.name, "dataset": cfg.data.name, "layer": layer,
+                             "seed": cfg.seed, "criterion": a, "versus": b,
+                             **paired_difference(ha, hb, method=cfg.method.interval,
+                                                 seed=cfg.seed)})
+    return pd.DataFrame(rows)
 
 
 def log_run(run, df: pd.DataFrame, key: str) -> None:
@@ -102,7 +137,8 @@ def agreement(cfg: DictConfig, model: nn.Module, scoring: object, traces: list[T
     per criterion and layer.
     """
     known = scores_from_traces(traces)
-    scores = {layer: layer_scores(model, layer, scoring, CRITERIA, metric=cfg.method.metric,
+    names = [c for c in CRITERIA if c != "car_random_tie"]  # its scores are CAR's
+    scores = {layer: layer_scores(model, layer, scoring, names, metric=cfg.method.metric,
                                   seed=cfg.seed, known=known.get(layer))
               for layer in cfg.method.layers}
     df = rank_agreement(scores)
@@ -134,11 +170,12 @@ def main(cfg: DictConfig) -> None:
     state = run_state(cfg, model, out)
     run = start_wandb(cfg, out, "prune")
     frames, traces = [], []
+    memo = TallyMemo()  # runs that reach the same pruned network count it once
     for label, job in jobs(cfg, model, scoring):
         start = time.perf_counter()
         trace = job(metric=cfg.method.metric, eval_data=heldout, seed=cfg.seed, k=cfg.method.k,
                     interval=cfg.method.interval, progress=cfg.progress, state=state,
-                    mode=cfg.method.scoring.mode)
+                    mode=cfg.method.scoring.mode, memo=memo)
         traces.append(trace)
         df = trace.to_frame()
         df.insert(0, "model", cfg.model.name)
@@ -148,17 +185,24 @@ def main(cfg: DictConfig) -> None:
         log_run(run, df, label.replace(" ", "/"))
         last = df.iloc[-1]
         resumed = f", resumed at step {trace.resumed_at}" if trace.resumed_at else ""
-        print(f"{label:>16}: {last.filters_remaining:>3} filters left, held-out top-1 "
-              f"{df.heldout_top1.iat[0]:.4f} -> {last.heldout_top1:.4f} "
+        r = trace.regime()
+        print(f"{label:>22}: {last.filters_remaining:>3} filters left, held-out top-1 "
+              f"{df.heldout_top1.iat[0]:.4f} -> {last.heldout_top1:.4f}; score decided "
+              f"{r['removals'] - r['tied']}/{r['removals']} removals "
               f"({time.perf_counter() - start:.1f} s{resumed})", flush=True)
     curves = pd.concat(frames, ignore_index=True)
-    if cfg.method.schedule == "global":
-        fig = plot_curves(curves.assign(layer=traces[0].layer),
-                          title=f"{cfg.model.name} on {cfg.data.name}: network-wide greedy "
-                                "pruning")
-    else:
-        fig = plot_curves(curves, title=f"{cfg.model.name} on {cfg.data.name}: greedy pruning, "
-                                        "each layer alone")
+    regime = regime_frame(cfg, traces)
+    write_csv(regime, out / "regime.csv")
+    print(f"scoring set ({cfg.method.scoring.split} split, {cfg.method.scoring.size} images): "
+          f"full-network top-1 {traces[0].scoring_top1:.4f}")
+    paired = paired_frame(cfg, model, heldout, traces)
+    if len(paired):
+        write_csv(paired, out / "paired.csv")
+    what = ("network-wide greedy pruning" if cfg.method.schedule == "global"
+            else "greedy pruning, each layer alone")
+    fig = plot_curves(curves.assign(layer=traces[0].layer) if cfg.method.schedule == "global"
+                      else curves, title=f"{cfg.model.name} on {cfg.data.name}: {what}",
+                      notes=regime_notes(regime))
     save_figure(fig, out / "curves.png")
     ranks = agreement(cfg, model, scoring, traces, out) if cfg.method.rank_agreement else None
     if cfg.method.per_class:

@@ -1,43 +1,108 @@
 #!/usr/bin/env bash
 # The CPU-scale studies committed under results/ (see REPRODUCING.md): runs them into
-# outputs/study/ and copies their tidy CSVs (and resolved configs) to results/<study>/.
-# Then `python experiments/figures.py results/` redraws every figure from those CSVs.
-# Usage: scripts/run_studies.sh [seeds, default "0 1 2"]   (about an hour on 2 CPU cores)
+# outputs/study/, copies their tidy CSVs (and resolved configs) to results/<study>/<run>/,
+# aggregates each study over its seeds and redraws every figure from the CSVs.
+#
+# Usage: scripts/run_studies.sh [study ...]     (default: all, in this order)
+#   main       alexnet_small on shapes_hard, all nine criteria, seeds 0-4     (~25 min)
+#   interpret  color/shape counts (weight and response color index), galleries,
+#              class importance, diversity of the main runs                   (~20 min)
+#   control    main + interpret with color in the label (40 classes)          (~60 min)
+#   fashion    alexnet_small on Fashion-MNIST (real images), seeds 0-2        (~25 min)
+#   lenet      LeNet-5 on Fashion-MNIST, seeds 0-4                            (~5 min)
+#   resnet     small ResNet, network-wide over all prunable layers, seed 0    (~15 min)
+#   compress   retraining and layer compression of the main seed-0 CAR runs   (~10 min)
+#   saturated  the contrast: the old easy task scored on training images       (~5 min)
+# Times: one job at a time on a 2-core CPU, threads=1 (studies are deterministic for it).
+# Two shells can run different studies at once (each job writes its own folder; a finished
+# job is skipped on rerun, an interrupted one resumes from its saved state).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=.venv/bin/python
 C="threads=1 progress=false logger.mode=disabled"
 S=outputs/study
-seeds="${1:-0 1 2}"
-run() { local dir=$1; shift; [ -f "$S/$dir/.done" ] || { "$P" "$@" $C hydra.run.dir="$S/$dir" && touch "$S/$dir/.done"; }; }
-for s in $seeds; do
-  run alexnet_small-shapes/seed$s experiments/prune.py experiment=all_criteria seed=$s
+SEEDS="0 1 2 3 4"
+ALL="main interpret control fashion lenet resnet compress saturated"
+
+run() {  # run <dir> <script> [overrides...]: skipped once done; resumes when interrupted
+  local dir=$1; shift
+  [ -f "$S/$dir/.done" ] && return
+  "$P" "$@" $C hydra.run.dir="$S/$dir" && touch "$S/$dir/.done"
+}
+
+collect() {  # collect <study>: copy its runs' CSVs to results/, aggregate, redraw figures
+  local study=$1
+  for d in "$S/$study"/*/; do
+    rel=${d#"$S"/}; mkdir -p "results/$rel"
+    cp "$d"/*.csv "results/$rel" 2>/dev/null || true
+    cp "$d"/gallery_*.png "results/$rel" 2>/dev/null || true  # need the model: not redrawn
+    [ -f "$d/.hydra/config.yaml" ] && cp "$d/.hydra/config.yaml" "results/$rel/config.yaml"
+  done
+  "$P" experiments/aggregate.py "results/$study"
+  "$P" experiments/figures.py "results/$study"
+}
+
+study_main() {
+  for s in $SEEDS; do
+    run alexnet_small-shapes_hard/seed$s experiments/prune.py experiment=all_criteria seed=$s
+  done
+}
+interpret_runs() {  # interpret_runs <study folder> [overrides...]: both color indices
+  local study=$1; shift
+  for s in $SEEDS; do
+    run $study/interpret_seed$s experiments/interpret.py experiment=all_criteria seed=$s \
+        interpret.source=$S/$study/seed$s "$@"
+    run $study/interpret_response_seed$s experiments/interpret.py experiment=all_criteria \
+        seed=$s interpret.source=$S/$study/seed$s interpret.color.index=response "$@"
+  done
+}
+study_interpret() {
+  interpret_runs alexnet_small-shapes_hard
+}
+study_control() {
+  for s in $SEEDS; do
+    run alexnet_small-shapes_hard_colorlabel/seed$s experiments/prune.py \
+        experiment=all_criteria data.color_label=true seed=$s
+  done
+  interpret_runs alexnet_small-shapes_hard_colorlabel data.color_label=true
+}
+study_fashion() {
+  for s in 0 1 2; do  # three seeds (~8 min each): a supplementary real-image study
+    run alexnet_small-fashion_mnist/seed$s experiments/prune.py experiment=fashion seed=$s
+  done
+}
+study_lenet() {
+  for s in $SEEDS; do
+    run lenet5-fashion_mnist/seed$s experiments/prune.py experiment=all_criteria model=lenet5 \
+        data=fashion_mnist seed=$s
+  done
+}
+study_resnet() {
+  run resnet_small-shapes_hard-global/seed0 experiments/prune.py experiment=resnet_small_global
+  run resnet_small-shapes_hard-global/compress experiments/compress.py model=resnet_small \
+      source.curves=$S/resnet_small-shapes_hard-global/seed0/curves.csv \
+      layer_compression.enabled=false
+}
+study_compress() {
+  for layer in conv1 conv2; do
+    run alexnet_small-shapes_hard/compress_$layer experiments/compress.py \
+        source.curves=$S/alexnet_small-shapes_hard/seed0/curves.csv source.layer=$layer
+    run alexnet_small-shapes_hard/compress_${layer}_s80b3 experiments/compress.py \
+        source.curves=$S/alexnet_small-shapes_hard/seed0/curves.csv source.layer=$layer \
+        layer_compression.sparsity=0.8 layer_compression.bits=3
+  done
+}
+study_saturated() {
+  run saturated-shapes/seed0 experiments/prune.py experiment=saturated
+}
+
+declare -A FOLDER=([main]=alexnet_small-shapes_hard [interpret]=alexnet_small-shapes_hard
+                   [control]=alexnet_small-shapes_hard_colorlabel
+                   [fashion]=alexnet_small-fashion_mnist [lenet]=lenet5-fashion_mnist
+                   [resnet]=resnet_small-shapes_hard-global
+                   [compress]=alexnet_small-shapes_hard [saturated]=saturated-shapes)
+for study in ${@:-$ALL}; do
+  [ -n "${FOLDER[$study]:-}" ] || { echo "unknown study '$study'; valid: $ALL" >&2; exit 2; }
+  "study_$study"
+  collect "${FOLDER[$study]}"
 done
-run alexnet_small-shapes/interpret_seed0 experiments/interpret.py experiment=all_criteria \
-    interpret.source=$S/alexnet_small-shapes/seed0
-run alexnet_small-shapes_colorlabel/seed0 experiments/prune.py experiment=all_criteria \
-    data.color_label=true
-run alexnet_small-shapes_colorlabel/interpret_seed0 experiments/interpret.py \
-    experiment=all_criteria data.color_label=true \
-    interpret.source=$S/alexnet_small-shapes_colorlabel/seed0
-for layer in conv1 conv2; do
-  run alexnet_small-shapes/compress_$layer experiments/compress.py \
-      source.curves=$S/alexnet_small-shapes/seed0/curves.csv source.layer=$layer
-  run alexnet_small-shapes/compress_${layer}_s80b3 experiments/compress.py \
-      source.curves=$S/alexnet_small-shapes/seed0/curves.csv source.layer=$layer \
-      layer_compression.sparsity=0.8 layer_compression.bits=3
-done
-run resnet_small-shapes-global/seed0 experiments/prune.py experiment=resnet_small_global
-run resnet_small-shapes-global/compress experiments/compress.py model=resnet_small \
-    source.curves=$S/resnet_small-shapes-global/seed0/curves.csv layer_compression.enabled=false
-run lenet5-fashion_mnist/seed0 experiments/prune.py experiment=all_criteria model=lenet5 \
-    data=fashion_mnist
-# copy the tidy results: one folder per study, one subfolder per run
-for d in "$S"/*/*/; do
-  rel=${d#"$S"/}; mkdir -p "results/$rel"
-  cp "$d"/*.csv "results/$rel" 2>/dev/null || true
-  cp "$d"/gallery_*.png "results/$rel" 2>/dev/null || true  # need the model: not redrawn
-  [ -f "$d/.hydra/config.yaml" ] && cp "$d/.hydra/config.yaml" "results/$rel/config.yaml"
-done
-"$P" experiments/aggregate.py results/alexnet_small-shapes  # the seeds in one table + summary
-"$P" experiments/figures.py results/

@@ -9,6 +9,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+# The fastest real runs of the experiment scripts (tiny data and widths, one epoch): every
+# file written, nothing learned to speak of. Each test file adds what it varies.
+TINY_BASE = ["data.n_train=600", "data.n_test=200", "data.val_size=100", "train.epochs=1",
+             "++model.widths=[8,8,8,8,8]", "progress=false", "threads=1"]
+
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics and affine terms (zeroing weights != removal)."""

@@ -62,7 +62,7 @@ def test_cost_report():
 
 
 def _compress(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
-    tiny = ["data.n_train=300", "data.n_test=100", "train.epochs=1",
+    tiny = ["data.n_train=300", "data.n_test=100", "data.val_size=50", "train.epochs=1",
             "++model.widths=[8,8,8,8,8]", "progress=false", "logger.mode=disabled",
             "cost.runs=2", "cost.warmup=1", "cost.batch_size=4"]
     args = [sys.executable, str(ROOT / "experiments" / "compress.py"),
@@ -71,9 +71,9 @@ def _compress(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def _curves(path: Path) -> None:
-    """A layer-wise curves.csv of alexnet_small on shapes: CAR runs of conv1 and conv2."""
-    rows = [{"model": "alexnet_small", "dataset": "shapes", "layer": layer, "criterion": "car",
-             "seed": 0, "step": s, "removed_filter": f, "heldout_top1": 0.5}
+    """A layer-wise curves.csv of alexnet_small on shapes_hard: CAR runs of conv1 and conv2."""
+    rows = [{"model": "alexnet_small", "dataset": "shapes_hard", "layer": layer,
+             "criterion": "car", "seed": 0, "step": s, "removed_filter": f, "heldout_top1": 0.5}
             for layer, order in (("conv1", [None, 3, 0]), ("conv2", [None, 5, 1, 7]))
             for s, f in enumerate(order)]
     pd.DataFrame(rows).astype({"removed_filter": "Int64"}).to_csv(path, index=False)

@@ -163,5 +163,6 @@ def test_every_criterion_runs_and_unknown_fails():
     for name in CRITERIA:
         t = greedy_prune(model, "conv2", data, 10, name, progress=False)
         assert len(t.removed) == 2 and len(t.initial_scores["conv2"]) == 12
-    with pytest.raises(CarlibError, match="unknown criterion 'nope'; valid: car, random"):
+    with pytest.raises(CarlibError,
+                       match="unknown criterion 'nope'; valid: car, car_random_tie, loss, random"):
         get_criterion("nope")

@@ -8,15 +8,20 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import TINY_BASE
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+from carlib.data import load_dataset
+from carlib.evaluate import evaluate
+from carlib.models import load_checkpoint
+from carlib.shapes import ALL_SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 COLUMNS = ["model", "dataset", "layer", "criterion", "seed", "step", "removed_filter",
            "filters_remaining", "scoring_acc", "heldout_top1"]
-TINY = ["data.n_train=600", "data.n_test=200", "train.epochs=1", "method.scoring.size=60",
-        "++model.widths=[8,8,8,8,8]", "method.n_keep=6", "progress=false", "threads=1"]
+TINY = [*TINY_BASE, "method.scoring.size=60", "method.n_keep=6"]
 
 
 def run(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -28,7 +33,8 @@ def run(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("config", ["prune", "train"])
 @pytest.mark.parametrize("model", ["alexnet_small", "lenet5", "alexnet", "resnet50"])
-@pytest.mark.parametrize("data", ["shapes", "fashion_mnist", "cifar10", "imagenet"])
+@pytest.mark.parametrize("data", ["shapes", "shapes_hard", "fashion_mnist", "cifar10",
+                                  "imagenet"])
 def test_configs_compose(config, model, data):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config, overrides=[f"model={model}", f"data={data}", "data.root=/x"])
@@ -52,18 +58,46 @@ def test_prune_end_to_end(tmp_path):
     df = pd.read_csv(out / "curves.csv")
     assert list(df.columns[:len(COLUMNS) - 2]) == COLUMNS[:-2]
     assert set(COLUMNS) <= set(df.columns)
-    # 2 layers x 3 criteria x (step 0 + 2 removals: 8 -> 6 filters)
-    assert len(df) == 2 * 3 * 3
+    # 2 layers x 6 criteria x (step 0 + 2 removals: 8 -> 6 filters)
+    assert len(df) == 2 * 6 * 3
+    assert set(df.criterion) == {"car", "car_random_tie", "loss", "random", "l1",
+                                 "mean_activation"}
     assert df.groupby(["layer", "criterion"]).size().eq(3).all()
     assert df[df.step == 2].filters_remaining.eq(6).all()
     assert (out / "curves.png").stat().st_size > 10_000
-    idx = (out / "scoring_indices.txt").read_text().split()
-    assert len(idx) == 60
-    # per-class CAR: 2 layers x 8 filters x 6 classes; with 10 scoring images per class, the
+    # the scoring subset: 60 of the 100 training images held out from training (val split),
+    # saved as indices into the generated training data
+    idx = [int(i) for i in (out / "scoring_indices.txt").read_text().split()]
+    bundle = load_dataset("shapes_hard", n_train=600, n_test=200, val_size=100, seed=0)
+    assert len(idx) == 60 and set(idx) <= set(bundle.val_indices.tolist())
+    # regime.csv: one row per run; the scoring top-1 is the full network's on those images
+    regime = pd.read_csv(out / "regime.csv")
+    assert len(regime) == 12 and set(regime.scoring_split) == {"val"}
+    model, _ = load_checkpoint(next((tmp_path / "cache" / "checkpoints").glob("*.pt")))
+    x, y = load_dataset("shapes_hard", n_train=600, n_test=200, seed=0).train.tensors
+    top1 = evaluate(model, [(x[idx], y[idx])])["top1"]
+    assert regime.scoring_top1.eq(top1).all()
+    first = df[df.step == 0].set_index(["layer", "criterion"]).scoring_acc
+    by_run = regime.set_index(["layer", "criterion"])
+    assert (by_run.scoring_top1 == first.loc[by_run.index]).all()
+    assert (regime.removals == 2).all() and regime.decided.between(0, 1).all()
+    tied = df[df.step > 0].groupby(["layer", "criterion"]).tie_break.apply(
+        lambda s: s.fillna("").ne("").sum())
+    assert (by_run.tied == tied.loc[by_run.index]).all()
+    assert (by_run.decided == 1 - by_run.tied / 2).all()
+    # paired.csv: each of the 3 CAR-family runs against the 5 other runs of its layer
+    paired = pd.read_csv(out / "paired.csv")
+    assert len(paired) == 2 * 3 * 5 and (paired.n == 200).all()
+    ends = df[df.step == 2].set_index(["layer", "criterion"]).heldout_top1
+    for r in paired.itertuples():
+        assert r.top1 == pytest.approx(ends[(r.layer, r.criterion)])
+        assert r.top1_versus == pytest.approx(ends[(r.layer, r.versus)])
+        assert r.diff == pytest.approx(r.top1 - r.top1_versus)
+        assert r.lo <= r.diff <= r.hi
+    # per-class CAR: 2 layers x 8 filters x 10 classes; with 6 scoring images per class, the
     # class mean is the filter's CAR (checked on the first filter CAR removed from each layer)
     pc = pd.read_csv(out / "per_class_car.csv")
-    assert len(pc) == 2 * 8 * 6 and set(pc.class_name) == {"circle", "square", "triangle",
-                                                           "cross", "star", "ring"}
+    assert len(pc) == 2 * 8 * 10 and set(pc.class_name) == set(ALL_SHAPES[:10])
     first = df[(df.criterion == "car") & (df.step == 1)]
     for r in first.itertuples():
         drops = pc[(pc.layer == r.layer) & (pc["filter"] == r.removed_filter)].car
@@ -80,10 +114,16 @@ def test_prune_end_to_end(tmp_path):
     (["method.layers=[conv9]"], "valid: conv1, conv2, conv3, conv4, conv5"),
     (["method.n_keep=99"], "method.n_keep in 1..8"),
     (["model.checkpoint=/nonexistent/model.pt"], "checkpoint not found: /nonexistent/model.pt"),
-    (["data=imagenet", "data.root=/nonexistent", "model=alexnet"], "/nonexistent"),
+    (["data=imagenet", "data.root=/nonexistent", "model=alexnet", "method.scoring.split=train"],
+     "/nonexistent"),
     (["data=cifar10", "data.root=/nonexistent"], "/nonexistent"),
-    (["model=alexnet", "model.weights=null", "model.weights_path=/nonexistent/w.pth"],
-     "weights file not found: /nonexistent/w.pth"),
+    (["model=alexnet", "model.weights=null", "model.weights_path=/nonexistent/w.pth",
+      "method.scoring.split=train"], "weights file not found: /nonexistent/w.pth"),
+    (["data.val_size=0"], "no images were held out from training; set data.val_size > 0"),
+    (["data.val_size=600"], "data.val_size=600 must be in 0..599"),
+    (["method.scoring.split=test"], "scoring split 'test' is not one of train, val"),
+    (["model=alexnet", "model.weights_path=/x/w.pth"],
+     "method.scoring.split=val holds images out of training, but the pretrained weights"),
 ])
 def test_bad_input_one_line(tmp_path, overrides, message):
     res = run(tmp_path, *TINY, *overrides)
@@ -102,7 +142,7 @@ def test_interpret_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     out = tmp_path / "run"
     counts = pd.read_csv(out / "color_counts.csv")
-    assert len(counts) == 2 * 3 and counts["top_k"].eq(3).all()
+    assert len(counts) == 2 * 6 and counts["top_k"].eq(3).all()
     filters = pd.read_csv(out / "filters.csv")
     assert len(filters) == 16 and set(filters.index_used) == {"weight", "response"}
     classes = pd.read_csv(out / "class_importance.csv")
@@ -110,3 +150,18 @@ def test_interpret_end_to_end(tmp_path):
     for name in ("color_counts", "diversity", "gallery_conv1", "gallery_conv2",
                  "class_importance_conv1"):
         assert (out / f"{name}.png").stat().st_size > 5_000
+
+
+def test_default_run_benchmark_at_tiny_scale(tmp_path):
+    """benchmarks/default_run.py runs prune.py cold then warm and reports both (numbers of a
+    tiny run: the benchmark's plumbing, not its timing)."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "default_run.py"),
+                          *TINY, "method.criteria=[car,l1]", "method.rank_agreement=false",
+                          "method.per_class=false"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].split()[:4] == ["run", "wall_s", "peak_rss_mb", "train_s"]
+    cold, warm = (ln.split() for ln in lines[1:])
+    assert cold[0] == "cold" and warm[0] == "warm" and int(warm[3]) == 0
+    assert cold[6] == warm[6] and cold[7] == "4"  # same scoring top-1; 2 layers x 2 criteria

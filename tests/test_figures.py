@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_BASE
 
 from carlib.classes import per_class_frame
 from carlib.plotting import plot_curves
@@ -23,13 +24,11 @@ import aggregate  # noqa: E402
 import figures  # noqa: E402
 
 # LeNet-5 learns the shapes to ~78% in 5 s: curves and CAR are not flat
-SMALL = ["model=lenet5", "data.image_size=28", "data.n_train=2000", "data.n_test=300",
+SMALL = ["model=lenet5", "data=shapes", "data.val_size=300", "data.image_size=28",
+         "data.n_train=2000", "data.n_test=300",
          "train.epochs=5", "train.lr=0.01", "train.batch_size=64", "method.scoring.size=120",
          "method.keep_fraction=0.5", "progress=false", "threads=1", "logger.mode=disabled"]
-# as in test_experiments.py: the fastest real runs (untrained-looking, but every file written)
-TINY = ["data.n_train=600", "data.n_test=200", "train.epochs=1", "method.scoring.size=60",
-        "++model.widths=[8,8,8,8,8]", "method.n_keep=6", "progress=false", "threads=1",
-        "logger.mode=disabled"]
+TINY = [*TINY_BASE, "method.scoring.size=60", "method.n_keep=6", "logger.mode=disabled"]
 
 
 def script(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -96,7 +95,7 @@ def test_aggregate_runs_copied_without_hydra(results, tmp_path):
     ends = own.groupby(["layer", "criterion"], sort=False).heldout_top1.last()
     assert summary.set_index(["layer", "criterion"]).heldout_top1_mean.to_dict() == ends.to_dict()
     assert summary.n.eq(1).all() and summary.heldout_top1_std.isna().all()
-    assert len(pd.read_csv(study / "color_counts.csv")) == 2 * 3
+    assert len(pd.read_csv(study / "color_counts.csv")) == 2 * 6  # the default criteria
 
 
 def test_class_matrix_round_trip():
@@ -196,8 +195,8 @@ def test_joblib_multirun_aggregates(tmp_path):
         # (an all-empty column of one run reads as float, of all runs as str: values compared)
         pd.testing.assert_frame_equal(mine.reset_index(drop=True), own, check_dtype=False)
     ranks = pd.read_csv(multi / "rank_agreement.csv")
-    assert len(ranks) == 4 * 2 * 6 and set(ranks.seed) == {0, 1}   # seed: not a column before
-    assert len(pd.read_csv(multi / "per_class_car.csv")) == 4 * 2 * 8 * 6
+    assert len(ranks) == 4 * 2 * 7 and set(ranks.seed) == {0, 1}   # seed: not a column before
+    assert len(pd.read_csv(multi / "per_class_car.csv")) == 4 * 2 * 8 * 10
     summary = pd.read_csv(multi / "summary.csv")
     assert len(summary) == 2 * 2 and summary.n.eq(2).all()
     for r in summary.itertuples():

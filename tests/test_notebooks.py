@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import TINY_BASE
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,9 +19,7 @@ NOTEBOOKS = ROOT / "notebooks"
 sys.path.insert(0, str(ROOT / "experiments"))
 import aggregate  # noqa: E402
 
-TINY = ["data.n_train=600", "data.n_test=200", "train.epochs=1", "method.scoring.size=60",
-        "++model.widths=[8,8,8,8,8]", "method.n_keep=5", "progress=false", "threads=1",
-        "logger.mode=disabled"]
+TINY = [*TINY_BASE, "method.scoring.size=60", "method.n_keep=5", "logger.mode=disabled"]
 
 
 @pytest.fixture
@@ -80,8 +79,8 @@ def test_results_notebook_on_runs(kernel, tmp_path, monkeypatch):
     shutil.copy(tmp_path / "prune" / "curves.csv", results / "curves_only")
     monkeypatch.setenv("CARLIB_RESULTS", str(results))
     nb = execute("02_results.ipynb", kernel)
-    # prune: curves, rank agreement, summary, class importance of conv1 and conv2;
-    # interpret: color counts, diversity; curves_only: curves
-    assert outputs(nb, "image/png") == 8
+    # prune: curves, rank agreement, summary, differences, class importance of conv1 and
+    # conv2; interpret: color counts, diversity; curves_only: curves
+    assert outputs(nb, "image/png") == 9
     # summary tables: the aggregated prune study's and the one computed from curves_only
     assert outputs(nb, "text/html") >= 2 + 3

@@ -199,7 +199,7 @@ def test_prune_script_global_schedule(tmp_path):
     assert set(df["layer"].dropna()) <= {"conv1", "conv2"} and df["layer"].isna().sum() == 2
     assert df.groupby("criterion")["filters_remaining"].min().eq(16 - 5).all()
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
-    assert len(pd.read_csv(tmp_path / "run" / "rank_agreement.csv")) == 2 * 6
+    assert len(pd.read_csv(tmp_path / "run" / "rank_agreement.csv")) == 2 * 7
 
 
 def test_greedy_trace_is_the_same_in_every_scoring_mode(one_thread):
