@@ -6,7 +6,9 @@ the model's weights fingerprint, the scoring indices, the data config) and each 
 own parts (layer, criterion, metric, seed, target, ...); the key also holds the state format
 `VERSION` and `carlib.__version__`, so a state saved by other code is not resumed. Files are
 replaced atomically (temporary file, fsync, rename), so a run killed at any moment leaves
-either the previous state or the new one, never a partial file.
+either the previous state or the new one, never a partial file. A state file that cannot be
+read anyway (e.g. truncated by hand or by a full disk) is ignored with a warning and the run
+starts over (`RunState.load`); a folder that cannot be written is a CarlibError.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from carlib.errors import WRITE_HINT, writing
 
 VERSION = 1
 
@@ -37,16 +42,18 @@ def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` via a temporary file, fsync and rename (atomic on POSIX)."""
+def atomic_write_text(path: str | Path, text: str, hint: str = WRITE_HINT) -> Path:
+    """Write `text` to `path` via a temporary file, fsync and rename (atomic on POSIX); an
+    OSError becomes a CarlibError naming the path and `hint`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path, tmp, hint=hint):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     return path
 
 
@@ -67,14 +74,38 @@ class RunState:
         return self.directory / f"{self.key(**parts)[:20]}.json"
 
     def load(self, **parts: object) -> dict | None:
-        """The state saved under these parts, or None if there is none (or another key's)."""
+        """The state saved under these parts, or None: the run starts over.
+
+        None where there is no state file, or one saved under another key (another run, state
+        format or carlib version: silently, that is what keys are for). A file that cannot be
+        read or is not a state (corrupt or truncated JSON, another structure) is reported with
+        a `StaleStateWarning` on stderr and ignored, not an error: the state only saves work,
+        and the run that starts over overwrites it.
+        """
         path = self.path(**parts)
         if not path.is_file():
             return None
-        payload = json.loads(path.read_text())
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or UTF-8
+            return _stale(path, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+        if not isinstance(payload, dict) or not isinstance(payload.get("state"), dict):
+            return _stale(path, "not a run state")
         return payload["state"] if payload.get("key") == self.key(**parts) else None
 
     def save(self, state: dict, **parts: object) -> Path:
-        """Replace the state saved under these parts (atomically)."""
+        """Replace the state saved under these parts (atomically); CarlibError if the folder
+        is not writable."""
         payload = {"key": self.key(**parts), "parts": parts, "state": state}
-        return atomic_write_text(self.path(**parts), json.dumps(payload, default=str))
+        return atomic_write_text(self.path(**parts), json.dumps(payload, default=str),
+                                 hint="choose a writable hydra.run.dir / method.state_dir")
+
+
+class StaleStateWarning(UserWarning):
+    """A saved run state that cannot be used (see `RunState.load`)."""
+
+
+def _stale(path: Path, why: str) -> None:
+    warnings.warn(f"ignoring the unreadable run state {path} ({why}); starting over",
+                  StaleStateWarning, stacklevel=3)
+    return None

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from carlib.errors import CarlibError
+from carlib.errors import CarlibError, writing
 from carlib.shapes import GENERATOR_KEYS, HARD, make_shapes
 
 DATASETS: tuple[str, ...] = ("shapes", "shapes_hard", "fashion_mnist", "cifar10", "imagenet")
@@ -396,13 +396,15 @@ def scoring_subset(targets: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 
 def save_indices(path: str | os.PathLike, indices: torch.Tensor | Sequence[int]) -> None:
-    """Write indices as text, one per line, atomically (path.tmp then rename)."""
+    """Write indices as text, one per line, atomically (path.tmp then rename); an OSError
+    becomes a CarlibError naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     values = torch.as_tensor(indices, dtype=torch.int64).ravel().tolist()
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{v}\n" for v in values))
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(f"{v}\n" for v in values))
+        os.replace(tmp, path)
 
 
 def load_indices(path: str | os.PathLike) -> torch.Tensor:

@@ -128,7 +128,9 @@ class MaskedNet(nn.Module):
         gm = _trace(model)
         self.units, self.excluded = analyze(gm)
         self._mask_names: dict[str, str] = {}
-        dev = next(model.parameters()).device  # masks live with the weights
+        self.model_name = type(model).__name__
+        param = next(model.parameters(), None)
+        dev = param.device if param is not None else None  # masks live with the weights
         nodes = {n.name: n for n in gm.graph.nodes}
         for i, unit in enumerate(self.units.values()):
             attr = f"carlib_mask_{i}"
@@ -150,6 +152,12 @@ class MaskedNet(nn.Module):
         """The prunable unit called `layer`, or a one-line error listing the valid names."""
         if layer not in self.units:
             why = f" ({self.excluded[layer]})" if layer in self.excluded else ""
+            if not self.units:
+                convs = "; ".join(f"{n}: {r}" for n, r in list(self.excluded.items())[:3])
+                raise CarlibError(
+                    f"'{layer}' is not a prunable layer{why}; this model ({self.model_name}) has "
+                    "none: carlib prunes Conv2d filters whose channels reach only conv or linear "
+                    "layers" + (f" (not prunable: {convs})" if convs and not why else ""))
             raise CarlibError(f"'{layer}' is not a prunable layer{why}; valid: "
                               f"{', '.join(self.units)}")
         return self.units[layer]

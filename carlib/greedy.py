@@ -178,14 +178,15 @@ class _Cuts:
     """`LayerData` per layer, rebuilt when a mask its (cached) prefix reads has changed; their
     tallies go through `memo` if given."""
 
-    def __init__(self, net: MaskedNet, data: Iterable, memo: TallyMemo | None = None) -> None:
-        self.net, self.data, self.memo = net, data, memo
+    def __init__(self, net: MaskedNet, data: Iterable, memo: TallyMemo | None = None,
+                 what: str = "scoring set") -> None:
+        self.net, self.data, self.memo, self.what = net, data, memo, what
         self._cuts: dict[str, tuple[LayerData, list[tuple[str, torch.Tensor]]]] = {}
 
     def get(self, layer: str) -> LayerData:
         entry = self._cuts.get(layer)
         if entry is None or any(not torch.equal(self.net.mask(n), m) for n, m in entry[1]):
-            cut = LayerData(self.net, layer, self.data)
+            cut = LayerData(self.net, layer, self.data, what=self.what)
             cut.memo = self.memo
             deps = [(n, self.net.mask(n).clone()) for n in _mask_deps(self.net, cut.prefix)]
             self._cuts[layer] = entry = (cut, deps)
@@ -211,7 +212,7 @@ def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
     layers, metric, network_wide = trace.layers, trace.metric, trace.schedule == "global"
     scored_in = score_fn.run_metric(metric)  # the criterion's own metric (loss: "loss")
     cuts = _Cuts(net, data, memo)
-    held = _Cuts(net, eval_data) if eval_data is not None else None
+    held = _Cuts(net, eval_data, what="held-out set (eval_data)") if eval_data is not None else None
     sizes = [net.unit(name).num_filters for name in layers]
     for name, f in zip(trace.removed_layers, trace.removed):
         net.remove(name, [f])

@@ -7,13 +7,14 @@ Small networks name their layers `conv1`, `conv2`, ... so configs read like the 
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from carlib.errors import CarlibError
+from carlib.errors import CarlibError, writing
 
 MODELS = ("alexnet_small", "lenet5", "resnet_small", "alexnet", "resnet50")
 
@@ -124,6 +125,15 @@ class ResNetSmall(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """The gist of an exception in one line: its first line, or for load_state_dict's
+    "Error(s) in loading state_dict for X:" the first of the errors listed below it."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    line = line.split(". ")[0].rstrip(".")  # torch appends advice in further sentences
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def _torchvision_model(name: str, num_classes: int, weights: str | None,
                        weights_path: str | None) -> nn.Module:
     """torchvision AlexNet/ResNet-50; weights from an explicit file or the local torch hub cache."""
@@ -147,12 +157,16 @@ def _torchvision_model(name: str, num_classes: int, weights: str | None,
         hint = "check model.weights_path"
     if not os.path.isfile(weights_path):
         raise CarlibError(f"weights file not found: {weights_path}; {hint}")
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling, zip and IO errors of all kinds
+        raise CarlibError(f"weights file {weights_path} is not a torch state dict "
+                          f"({_first_line(e)}); {hint}") from None
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CarlibError(f"weights file {weights_path} does not fit {name}: {first}") from None
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CarlibError(f"weights file {weights_path} does not fit {name}: {_first_line(e)}"
+                          ) from None
     return model
 
 
@@ -178,21 +192,46 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, widths: An
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, model_cfg: dict, meta: dict) -> None:
-    """Save weights with the model config that rebuilds them (atomic: write, then rename)."""
+    """Save weights with the model config that rebuilds them (atomic: write, then rename); an
+    OSError (read-only folder, full disk) becomes a CarlibError naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel jobs: one file each
-    torch.save({"state_dict": model.state_dict(), "model_cfg": model_cfg, "meta": meta}, tmp)
-    os.replace(tmp, path)
+    with writing(path, tmp, hint="choose a writable paths.cache_dir (or model.checkpoint)"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "model_cfg": model_cfg, "meta": meta}, tmp)
+        os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by `save_checkpoint`; returns (model in eval mode, meta)."""
+    """Rebuild a model saved by `save_checkpoint`; returns (model in eval mode, meta).
+
+    A missing file, or one that is not such a checkpoint (not a torch file, truncated, another
+    structure, weights that do not fit its model config), raises CarlibError.
+    """
     if not os.path.isfile(path):
         raise CarlibError(f"checkpoint not found: {path}; train one with experiments/train.py "
                           "or fix the path")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = dict(ckpt["model_cfg"])
-    model = build_model(**{**cfg, "weights": None, "weights_path": None})
-    model.load_state_dict(ckpt["state_dict"])
+    fix = "retrain with experiments/train.py or fix model.checkpoint"
+    if not zipfile.is_zipfile(path):  # torch.save's format since torch 1.6
+        raise CarlibError(f"{path} is not a carlib checkpoint (not a torch file: truncated or "
+                          f"another format); {fix}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling, zip and IO errors of all kinds
+        why = ("it pickles objects other than tensors and plain data"
+               if "Weights only load failed" in str(e) else _first_line(e))
+        raise CarlibError(f"{path} is not a carlib checkpoint ({why}); {fix}") from None
+    keys = ("state_dict", "model_cfg", "meta")
+    if not (isinstance(ckpt, dict) and all(k in ckpt for k in keys)
+            and isinstance(ckpt["model_cfg"], dict) and isinstance(ckpt["state_dict"], dict)):
+        names = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else []
+        found = (f"keys {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+                 if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}")
+        raise CarlibError(f"{path} is not a carlib checkpoint (it holds {found}, not "
+                          f"{', '.join(keys)}); {fix}")
+    try:
+        model = build_model(**{**ckpt["model_cfg"], "weights": None, "weights_path": None})
+        model.load_state_dict(ckpt["state_dict"])
+    except (CarlibError, TypeError, ValueError, RuntimeError) as e:
+        raise CarlibError(f"{path} is not a carlib checkpoint ({_first_line(e)}); {fix}") from None
     return model.eval(), ckpt["meta"]

@@ -29,7 +29,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from carlib.errors import CarlibError
+from carlib.errors import CarlibError, writing
 from carlib.evaluate import eval_mode
 from carlib.models import build_model
 
@@ -187,12 +187,13 @@ def save_pruned(path: str | Path, model_cfg: Mapping[str, Any],
         gone = set(_indices(layer, idxs, n))
         kept[layer] = [i for i in range(n) if i not in gone]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "model_cfg": dict(model_cfg), "kept": kept,
-                "input_shape": [int(s) for s in input_shape],
-                "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}, tmp)
-    os.replace(tmp, path)
+    with writing(path, tmp, hint="choose a writable hydra.run.dir"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"format": FORMAT, "model_cfg": dict(model_cfg), "kept": kept,
+                    "input_shape": [int(s) for s in input_shape],
+                    "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}, tmp)
+        os.replace(tmp, path)
     return path
 
 

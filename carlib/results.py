@@ -7,22 +7,28 @@ from pathlib import Path
 
 import pandas as pd
 
+from carlib.errors import writing
+
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write `df` to `path` via a temporary file and a rename (atomic on POSIX)."""
+    """Write `df` to `path` via a temporary file and a rename (atomic on POSIX); an OSError
+    (read-only folder, full disk) becomes a CarlibError naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
     return path
 
 
 def save_figure(fig, path: str | Path, dpi: int = 150) -> Path:
-    """Save a matplotlib figure atomically (temporary file, then rename)."""
+    """Save a matplotlib figure atomically (temporary file, then rename); an OSError becomes a
+    CarlibError naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
     return path

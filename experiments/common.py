@@ -8,15 +8,16 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
 
+from carlib.criteria import get_criterion
 from carlib.data import (
     DataBundle,
     load_dataset,
@@ -27,8 +28,10 @@ from carlib.data import (
     targets,
 )
 from carlib.errors import CarlibError
-from carlib.evaluate import evaluate
+from carlib.evaluate import METRICS, evaluate
 from carlib.models import build_model, load_checkpoint, save_checkpoint
+from carlib.scoring import MODES
+from carlib.stats import METHODS
 from carlib.train import fit
 
 
@@ -71,14 +74,16 @@ def _no_tf32() -> None:
 
 
 def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
-    """Entry wrapper of every script: set torch's thread count (`threads`, null: torch's
-    default); check `device` and on CUDA switch TF32 off (float32 as on the CPU: CAR counts
-    and the scoring engine's guard assume float32 precision); turn bad input into one line on
-    stderr and exit code 2; drop a run folder left empty."""
+    """Entry wrapper of every script: check the config's numbers and choices (`check_config`);
+    set torch's thread count (`threads`, null: torch's default); check `device` and on CUDA
+    switch TF32 off (float32 as on the CPU: CAR counts and the scoring engine's guard assume
+    float32 precision); turn bad input into one line on stderr and exit code 2; drop a run
+    folder left empty."""
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig) -> None:
         try:
+            check_config(cfg)
             if cfg.get("threads"):
                 torch.set_num_threads(int(cfg.threads))
             if device(cfg).type == "cuda":
@@ -94,10 +99,84 @@ def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
     return wrapper
 
 
+def scores(cfg: DictConfig) -> bool:
+    """Whether the script scores filters: its config composes a `method` group (prune,
+    interpret). Presets also set `method` keys in the train and compress configs, which do
+    not use them."""
+    if HydraConfig.initialized():
+        return "method" in HydraConfig.get().runtime.choices
+    return "method" in cfg
+
+
+def _whole(cfg: DictConfig, key: str, least: int, fix: str, required: bool = True) -> None:
+    """`key` must be an integer >= least (or null where not `required`)."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and not required:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        what = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise CarlibError(f"{key}={value} is not {what}; set {fix}")
+
+
+def _one_of(cfg: DictConfig, key: str, valid: Sequence[str]) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in valid:
+        raise CarlibError(f"{key}={value} is not one of {', '.join(valid)}; set {key}={valid[0]}")
+
+
+def _names(cfg: DictConfig, key: str, example: str) -> list[str]:
+    """`key` as a non-empty list of names."""
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, ListConfig) or not all(isinstance(v, str) for v in value):
+        raise CarlibError(f"{key}={value} is not a list of names; set e.g. {key}=[{example}]")
+    if not value:
+        raise CarlibError(f"{key}=[] names none; list at least one, e.g. {key}=[{example}]")
+    return list(value)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail fast, before loading or training anything, on config values out of range
+    (threads, batch sizes, epochs, the `method` group's counts, fractions and choices).
+    Values that depend on the data or the model (scoring size, layer names, n_keep range) are
+    checked where those are known (`load_data`, `get_model`'s check)."""
+    _whole(cfg, "threads", 1, "threads=N (CPU threads) or threads=null (torch's default)",
+           required=False)
+    if "data" in cfg:
+        _whole(cfg, "data.batch_size", 1, "data.batch_size=N (images per evaluation batch)")
+    if "train" in cfg:
+        _whole(cfg, "train.epochs", 0, "train.epochs=N (0: no training)")
+        _whole(cfg, "train.batch_size", 1, "train.batch_size=N (images per training step)")
+    if not scores(cfg):
+        return
+    m = cfg.method
+    _names(cfg, "method.layers", "conv1,conv2")
+    for c in _names(cfg, "method.criteria", "car,l1"):
+        try:
+            get_criterion(c)
+        except CarlibError as e:
+            raise CarlibError(f"method.criteria: {e}") from None
+    _one_of(cfg, "method.metric", METRICS)
+    _one_of(cfg, "method.interval", METHODS)
+    _one_of(cfg, "method.scoring.mode", MODES)
+    _whole(cfg, "method.k", 1, "method.k=N (filters removed per step; 1: the paper's)")
+    _whole(cfg, "method.n_keep", 1, "method.n_keep=N (filters kept) or method.n_keep=null "
+           "(method.keep_fraction)", required=False)
+    _whole(cfg, "method.n_remove", 0, "method.n_remove=N or method.n_remove=null "
+           "(method.keep_fraction)", required=False)
+    _whole(cfg, "method.min_per_layer", 1, "method.min_per_layer=N", required=False)
+    _whole(cfg, "method.scoring.size", 1, "method.scoring.size=N (images in the scoring "
+           "subset)")
+    kf = m.get("keep_fraction")
+    if kf is not None and (isinstance(kf, bool) or not isinstance(kf, (int, float))
+                           or not 0 < kf <= 1):
+        raise CarlibError(f"method.keep_fraction={kf} is not in (0, 1]; set the share of "
+                          "filters to keep, e.g. method.keep_fraction=0.5 (or method.n_keep=N)")
+
+
 def load_data(cfg: DictConfig) -> DataBundle:
-    """The run's dataset; for scripts that score (a `method` group), the scoring split is
-    checked here, before any training."""
-    if "method" in cfg:
+    """The run's dataset; for scripts that score (a `method` group), the scoring split and
+    size are checked here, before any training."""
+    if scores(cfg):
         scoring_split(cfg)
     d = cfg.data
     tf = None
@@ -112,8 +191,15 @@ def load_data(cfg: DictConfig) -> DataBundle:
                         image_size=d.image_size, color_label=d.color_label, download=d.download,
                         weights_transforms=tf, val_size=d.get("val_size") or 0,
                         generator=OmegaConf.to_container(generator) if generator else None)
-    if "method" in cfg:
-        bundle.split(scoring_split(cfg))
+    if scores(cfg):
+        split = scoring_split(cfg)
+        part, _ = bundle.split(split)
+        n, size, k = len(part), cfg.method.scoring.size, bundle.num_classes
+        if not k <= size <= n:
+            more = " or a larger data.val_size" if split == "val" else ""
+            raise CarlibError(f"method.scoring.size={size} must be in {k}..{n} (at least one "
+                              f"image per class; the {split} split has {n}); set "
+                              f"method.scoring.size in that range{more}")
     return bundle
 
 
