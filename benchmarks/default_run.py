@@ -4,16 +4,19 @@ Runs it twice in a fresh temporary cache: first cold (the model is trained, as o
 machine), then warm (the cached checkpoint is reused), each as its own process timed from
 start to exit; prints one row per run with the wall time, the peak resident memory, the
 training time and what the run measured (held-out top-1 of the full network, scoring top-1,
-the share of removals CAR decided). Extra arguments are passed to prune.py as overrides.
+the share of removals CAR decided). Extra arguments are passed to prune.py as overrides;
+`--keep DIR` copies the cold run's CSVs, figures and resolved config to DIR.
 
     python benchmarks/default_run.py                  # the default, torch's thread default
     python benchmarks/default_run.py threads=1        # any overrides
+    python benchmarks/default_run.py --keep results/default_run
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,8 +56,19 @@ def run(tmp: Path, name: str, overrides: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    keep = None
+    if "--keep" in argv:
+        i = argv.index("--keep")
+        if i + 1 >= len(argv):
+            sys.exit("error: --keep needs a folder")
+        keep, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
     with tempfile.TemporaryDirectory(prefix="carlib-bench-") as tmp:
         rows = [run(Path(tmp), name, argv) for name in ("cold", "warm")]
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            cold = Path(tmp) / "cold"
+            for f in [*cold.glob("*.csv"), *cold.glob("*.png"), cold / ".hydra" / "config.yaml"]:
+                shutil.copy(f, keep / f.name)
     print(pd.DataFrame(rows).to_string(index=False))
     return 0
 

@@ -144,14 +144,18 @@ def pooled_color_count(counts: Iterable[Mapping]) -> dict[str, float]:
 def plot_color_counts(counts, title: str = ""):
     """Bars: color-selective filters among the live top-K pruned, per layer and criterion, over
     a grey bar of the live top-K; the dashed tick is the count expected from random pruning
-    (live top-K x the layer's live base rate). Labels: count/live, dead filters, p-value."""
+    (live top-K x the layer's live base rate). Labels: count/live, dead filters, p-value.
+    Rows pooled over runs (`runs` > 1, experiments/aggregate.py's color_summary.csv) show the
+    runs' totals and the pooled test."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers = list(dict.fromkeys(counts["layer"]))
-    fig, axes = plt.subplots(1, len(layers), figsize=(5.6 * len(layers), 3.9), squeeze=False)
+    bars = int(counts.groupby("layer").size().max())
+    fig, axes = plt.subplots(1, len(layers), figsize=(max(5.6, 0.75 * bars) * len(layers), 3.9),
+                             squeeze=False)
     for ax, layer in zip(axes[0], layers):
         sub = counts[counts["layer"] == layer].reset_index(drop=True)
         live = sub["live_in_top_k"] if "live_in_top_k" in sub else sub["top_k"]
@@ -167,9 +171,11 @@ def plot_color_counts(counts, title: str = ""):
                     + (f"\n{dead} dead" if dead else "") + f"\np{tail}={p:.1g}",
                     ha="center", va="bottom", fontsize=6)
         ax.set_xticks(sub.index, [c.replace("_", "\n") for c in sub["criterion"]], fontsize=7)
-        ax.set_ylim(0, max(sub["top_k"]) * 1.45)
-        ax.set_title(f"{layer}: top {max(sub['top_k'])} pruned ({sub['index'][0]} index >= "
-                     f"{sub['threshold'][0]})", fontsize=9)
+        runs = int(sub["runs"].max()) if "runs" in sub else 1
+        pooled = f" in each of {runs} runs, pooled" if runs > 1 else ""
+        ax.set_ylim(0, max(live) * 1.45)
+        ax.set_title(f"{layer}: top {max(sub['top_k'])} pruned{pooled} ({sub['index'][0]} "
+                     f"index >= {sub['threshold'][0]})", fontsize=9)
         ax.set_ylabel("filters")
     axes[0][-1].legend(fontsize=7, frameon=False, loc="upper right", ncol=1)
     fig.suptitle(f"{title}\np+ / p-: permutation p-value for more / fewer color-selective "

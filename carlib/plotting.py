@@ -18,6 +18,24 @@ STYLE = {"car": ("tab:red", "-"), "car_random_tie": ("tab:orange", "--"),
          "apoz": ("tab:olive", ":"), "taylor": ("tab:purple", "--")}
 
 
+def _count_ticks(ax: plt.Axes, counts: pd.Series) -> None:
+    """Integer ticks for filter counts, the first and last count among them."""
+    lo, hi = int(counts.min()), int(counts.max())
+    ticks = [int(t) for t in MaxNLocator(nbins=7, integer=True).tick_values(lo, hi)]
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1
+    inner = [t for t in ticks if lo + step / 2 < t < hi - step / 2]
+    ax.set_xticks(sorted({lo, hi, *inner}))
+
+
+def _panel_label(name: object) -> str:
+    """A panel title: a network-wide unit of many layers ('a+b+c+...') shortened."""
+    text = str(name)
+    parts = text.split("+")
+    if len(parts) > 2 and len(text) > 40:
+        return f"{len(parts)} layers, network-wide ({parts[0]} ... {parts[-1]})"
+    return text
+
+
 def regime_notes(regime: pd.DataFrame, reference: str = "car") -> dict:
     """Per layer (and `condition`, if a column): "scoring top-1 0.63, car decided 22/24", from
     regime.csv rows (several seeds: mean top-1, decided removals summed); keys are the layer,
@@ -46,8 +64,9 @@ def plot_curves(df: pd.DataFrame, y: str = "heldout_top1", panel: str = "layer",
     """
     panels = list(dict.fromkeys(df[panel]))
     rows = list(dict.fromkeys(df[row])) if row else [None]
-    fig, axes = plt.subplots(len(rows), len(panels), figsize=(4.6 * len(panels), 3.8 * len(rows)),
-                             squeeze=False)
+    width = 4.6 if len(panels) > 1 else 6.4
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(width * len(panels),
+                                                              3.8 * len(rows)), squeeze=False)
     for i, r in enumerate(rows):
         for ax, p in zip(axes[i], panels):
             sub = df[(df[panel] == p) & (df[row] == r if row else True)]
@@ -59,9 +78,9 @@ def plot_curves(df: pd.DataFrame, y: str = "heldout_top1", panel: str = "layer",
                     ax.fill_between(s.index, s["min"] * 100, s["max"] * 100, color=color,
                                     alpha=0.15)
             ax.invert_xaxis()
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # filter counts
+            _count_ticks(ax, sub["filters_remaining"])
             note = (notes or {}).get(p if r is None else (r, p))
-            head = str(p) if r is None else f"{r}\n{p}"
+            head = _panel_label(p) if r is None else f"{r}\n{_panel_label(p)}"
             ax.set_title(head + (f"\n{note}" if note else ""), fontsize=10 if r is None else 9)
             ax.set_xlabel("filters remaining")
             ax.grid(alpha=0.3)
@@ -109,7 +128,8 @@ def plot_summary(df: pd.DataFrame, y: str = "heldout_top1", title: str | None = 
     """Bars of `{y}_mean` (error bar: `{y}_std`, n in the label) per criterion, one panel per
     layer, with `{y}_full` (the unpruned network) as a dashed tick if present; `df` is a
     summary table (one row per layer, criterion and configuration, experiments/aggregate.py).
-    A `condition` column, if present, labels each bar with its configuration."""
+    A `condition` column, if present, labels each bar with its configuration; `scoring_top1`
+    and `car_decided` columns, if present, note CAR's regime under each panel's title."""
     layers = list(dict.fromkeys(df["layer"]))
     bars = int(df.groupby("layer").size().max())
     fig, axes = plt.subplots(1, len(layers), figsize=(len(layers) * (1.2 + 0.75 * bars), 3.8),
@@ -126,7 +146,12 @@ def plot_summary(df: pd.DataFrame, y: str = "heldout_top1", title: str | None = 
                   for c, cond in zip(sub["criterion"], sub.get("condition", sub["criterion"]))]
         ax.set_xticks(sub.index, [f"{lab}\nn={n}" for lab, n in zip(labels, sub["n"])],
                       fontsize=7)
-        ax.set_title(str(layer))
+        regime = ""  # CAR's regime, when the summary has it (experiments/aggregate.py)
+        if "scoring_top1" in sub and sub["scoring_top1"].notna().any():
+            regime = f"\nscoring top-1 {sub['scoring_top1'].mean():.2f}"
+            if "car_decided" in sub and sub["car_decided"].notna().any():
+                regime += f", car decided {sub['car_decided'].mean():.0%} of removals"
+        ax.set_title(f"{_panel_label(layer)}{regime}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel(f"{y.replace('_', ' ')} at the end (%)")
     if f"{y}_full" in df:
@@ -216,7 +241,8 @@ def plot_differences(diffs: pd.DataFrame, paired: pd.DataFrame | None = None,
             ax.set_yticks(range(len(labels)), labels, fontsize=8)
             ax.set_ylim(len(labels) - 0.45, -0.6)
             ax.set_xlabel("CAR minus other: held-out top-1 (pp)", fontsize=9)
-            ax.set_title(str(layer) if r is None else f"{r}: {layer}", fontsize=9)
+            ax.set_title(_panel_label(layer) if r is None else f"{r}: {_panel_label(layer)}",
+                         fontsize=9)
             ax.grid(axis="x", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=11)

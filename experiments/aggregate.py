@@ -24,7 +24,8 @@ folder given):
 - `color_summary.csv` (from color_counts.csv): per layer and criterion, the color-selective
   filters among the top-K pruned summed over the runs (seeds) against the sum expected at
   random, with the exact pooled test (`carlib.color.pooled_color_count`), and the mean over
-  runs of the threshold-free color index of the top-K and of the layer.
+  runs of the threshold-free color index of the top-K and of the layer, with their difference
+  (`index_diff`: top-K minus layer, mean over runs with a Student-t 95% interval).
 
     python experiments/aggregate.py outputs/multirun/2026-01-01_12-00-00
     python experiments/aggregate.py outputs/prune/run1 outputs/prune/run2 --out results/study
@@ -52,10 +53,12 @@ RUNS, SUMMARY, DIFFERENCES = "runs.csv", "summary.csv", "differences.csv"
 COLOR_SUMMARY = "color_summary.csv"
 SKIP_DIRS = {".hydra", "state", "wandb", ".submitit"}   # never run folders or results
 # Overrides (and their sub-keys) that are never a configuration of their own: what a row
-# already names (criterion, layer), what is averaged over (seed), and what leaves the
-# numbers unchanged (where files go, logging, progress bars, resuming, the CAR engine's mode).
+# already names (criterion, layer), what is averaged over (seed) or follows it (the source
+# run of an interpretation), and what leaves the numbers unchanged (where files go, logging,
+# progress bars, resuming, the CAR engine's mode, the thread count of studies).
 NOT_CONDITIONS = ("run", "seed", "method.criteria", "method.layers", "paths", "logger",
-                  "progress", "method.resume", "method.state_dir", "method.scoring.mode")
+                  "progress", "method.resume", "method.state_dir", "method.scoring.mode",
+                  "interpret.source", "threads")
 # Columns of summary.csv other than the configuration columns.
 SUMMARY_COLUMNS = ("model", "dataset", "layer", "criterion", "filters_remaining", "n",
                    "heldout_top1_mean", "heldout_top1_std", "heldout_top1_full",
@@ -104,9 +107,12 @@ def run_names(runs: Sequence[Path]) -> list[str]:
 
 
 def overrides(run: Path) -> dict[str, str]:
-    """The run's task overrides {key: value as typed}; deletions (~key) are left out."""
-    path = run / ".hydra" / "overrides.yaml"
-    if not path.is_file():
+    """The run's task overrides {key: value as typed}, from `.hydra/overrides.yaml` or, for a
+    run copied to results/ (scripts/run_studies.sh), its `overrides.yaml`; deletions (~key)
+    are left out."""
+    path = next((p for p in (run / ".hydra" / "overrides.yaml", run / "overrides.yaml")
+                 if p.is_file()), None)
+    if path is None:
         return {}
     lines = [str(x) for x in OmegaConf.load(path)]
     parsed = OverridesParser.create().parse_overrides(lines)
@@ -218,9 +224,13 @@ def color_summary(counts: pd.DataFrame, conditions: Sequence[str] = ()) -> pd.Da
                         "threshold") if c in counts]
     rows = []
     for key, g in counts.groupby(keys, sort=False, dropna=False):
-        rows.append({**dict(zip(keys, key)), **pooled_color_count(g.to_dict("records")),
+        rows.append({**dict(zip(keys, key)), "top_k": g["top_k"].max(),
+                     "dead_in_top_k": g["dead_in_top_k"].sum(),
+                     **pooled_color_count(g.to_dict("records")),
                      "index_mean_top_k": g["index_mean_top_k"].mean(),
-                     "index_mean_layer": g["index_mean_layer"].mean()})
+                     "index_mean_layer": g["index_mean_layer"].mean(),
+                     **dict(zip(("index_diff", "index_diff_lo", "index_diff_hi"), mean_interval(
+                         g["index_mean_top_k"] - g["index_mean_layer"])))})
     return pd.DataFrame(rows)
 
 

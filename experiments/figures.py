@@ -118,6 +118,8 @@ def rank_agreement_figures(t: Table) -> dict[str, plt.Figure]:
 
 
 def color_counts_figures(t: Table) -> dict[str, plt.Figure]:
+    if "run" in t.df and t.df["run"].nunique() > 1 and t.beside("color_summary.csv") is not None:
+        return {}  # several runs: their pooled counts, color_summary.png, say more
     cols = _distinct(t, ["layer", "criterion"])
     df = t.df
     if cols:
@@ -125,6 +127,24 @@ def color_counts_figures(t: Table) -> dict[str, plt.Figure]:
                        + condition_label(df, cols).str.replace(", ", "\n"))
     return {"color_counts.png": plot_color_counts(df, title=f"{t.tag}color-selective filters "
                                                               "among the top-K pruned")}
+
+
+def color_summary_figures(t: Table) -> dict[str, plt.Figure]:
+    """color_summary[_<configuration>].png: the pooled counts, one figure per configuration
+    (e.g. interpret.color.index; "default" where a run left it unset)."""
+    figs = {}
+    groups = (t.df.groupby(t.conditions, sort=False, dropna=False) if t.conditions
+              else [((), t.df)])
+    for _, g in groups:
+        label = (condition_label(g.head(1), t.conditions).iat[0].replace("=-", "=default")
+                 if t.conditions else "")
+        runs = int(g["runs"].max())
+        name = "color_summary" + (f"_{_slug(label)}" if label else "")
+        figs[f"{name}.png"] = plot_color_counts(
+            g.reset_index(drop=True), title=f"{t.tag}color-selective filters among the top-K "
+            f"pruned, {runs} runs pooled (exact test of the sum)" + (f"; {label}" if label
+                                                                       else ""))
+    return figs
 
 
 def _slug(text: str) -> str:
@@ -146,8 +166,13 @@ def class_matrix(rows: pd.DataFrame) -> tuple[torch.Tensor, list[str]]:
 
 def per_class_figures(t: Table) -> dict[str, plt.Figure]:
     """class_importance_<layer>[_<configuration>].png: the filters x classes matrix of each
-    layer (and configuration or seed), rebuilt from the tidy rows."""
+    layer (and configuration or seed), rebuilt from the tidy rows. An aggregated table whose
+    runs differ only by seed draws nothing: each run's folder has its own figure."""
     cols = _distinct(t, ["layer", "filter", "class_index"])
+    if not t.conditions and set(cols) & {"seed", "run"} and t.path is not None and any(
+            (t.path.parent / str(r) / "per_class_car.csv").is_file()
+            for r in t.df.get("run", pd.Series(dtype=str)).unique()):
+        return {}
     figs = {}
     groups = t.df.groupby(cols, sort=False, dropna=False) if cols else [((), t.df)]
     for _, g in groups:
@@ -190,6 +215,7 @@ FIGURES: dict[str, Callable[[Table], dict[str, plt.Figure]]] = {
     "curves.csv": curves_figures,
     "rank_agreement.csv": rank_agreement_figures,
     "color_counts.csv": color_counts_figures,
+    "color_summary.csv": color_summary_figures,
     "per_class_car.csv": per_class_figures,
     "diversity.csv": diversity_figures,
     "summary.csv": summary_figures,

@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # The CPU-scale studies committed under results/ (see REPRODUCING.md): runs them into
-# outputs/study/, copies their tidy CSVs (and resolved configs) to results/<study>/<run>/,
-# aggregates each study over its seeds and redraws every figure from the CSVs.
+# outputs/study/, copies their tidy CSVs (and resolved configs and overrides) to
+# results/<study>/<run>/, aggregates each study over its seeds and redraws every figure.
 #
 # Usage: scripts/run_studies.sh [study ...]     (default: all, in this order)
-#   main       alexnet_small on shapes_hard, all nine criteria, seeds 0-4     (~25 min)
+#   main       alexnet_small on shapes_hard, all nine criteria, seeds 0-4     (~40 min)
 #   interpret  color/shape counts (weight and response color index), galleries,
-#              class importance, diversity of the main runs                   (~20 min)
-#   control    main + interpret with color in the label (40 classes)          (~60 min)
-#   fashion    alexnet_small on Fashion-MNIST (real images), seeds 0-2        (~25 min)
-#   lenet      LeNet-5 on Fashion-MNIST, seeds 0-4                            (~5 min)
-#   resnet     small ResNet, network-wide over all prunable layers, seed 0    (~15 min)
-#   compress   retraining and layer compression of the main seed-0 CAR runs   (~10 min)
-#   saturated  the contrast: the old easy task scored on training images       (~5 min)
-# Times: one job at a time on a 2-core CPU, threads=1 (studies are deterministic for it).
-# Two shells can run different studies at once (each job writes its own folder; a finished
-# job is skipped on rerun, an interrupted one resumes from its saved state).
+#              class importance, diversity of the main runs                   (~5 min)
+#   control    main + interpret with color in the label (40 classes)          (~55 min)
+#   fashion    alexnet_small on Fashion-MNIST (real images), seeds 0-2        (~35 min)
+#   lenet      LeNet-5 on Fashion-MNIST, seeds 0-4                            (~17 min)
+#   resnet     small ResNet, network-wide over all prunable layers, seed 0    (~45 min)
+#   compress   retraining and layer compression of the main seed-0 CAR runs   (~5 min)
+#   saturated  the contrast: the old easy task scored on training images       (~8 min)
+# Times: threads=1 per job (studies are deterministic for it), measured with two or three
+# studies sharing a 2-core CPU: about 3.5 hours in all. Two shells can run different studies
+# at once (each job writes its own folder; a finished job is skipped on rerun, an
+# interrupted one resumes from its saved state).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=.venv/bin/python
@@ -35,8 +36,11 @@ collect() {  # collect <study>: copy its runs' CSVs to results/, aggregate, redr
   for d in "$S/$study"/*/; do
     rel=${d#"$S"/}; mkdir -p "results/$rel"
     cp "$d"/*.csv "results/$rel" 2>/dev/null || true
-    cp "$d"/gallery_*.png "results/$rel" 2>/dev/null || true  # need the model: not redrawn
+    case "$rel" in  # galleries need the model, so they are not redrawn: seed 0's are kept
+      */interpret_seed0/) cp "$d"/gallery_*.png "results/$rel" 2>/dev/null || true ;;
+    esac
     [ -f "$d/.hydra/config.yaml" ] && cp "$d/.hydra/config.yaml" "results/$rel/config.yaml"
+    [ -f "$d/.hydra/overrides.yaml" ] && cp "$d/.hydra/overrides.yaml" "results/$rel/"
   done
   "$P" experiments/aggregate.py "results/$study"
   "$P" experiments/figures.py "results/$study"
@@ -101,8 +105,13 @@ declare -A FOLDER=([main]=alexnet_small-shapes_hard [interpret]=alexnet_small-sh
                    [fashion]=alexnet_small-fashion_mnist [lenet]=lenet5-fashion_mnist
                    [resnet]=resnet_small-shapes_hard-global
                    [compress]=alexnet_small-shapes_hard [saturated]=saturated-shapes)
-for study in ${@:-$ALL}; do
-  [ -n "${FOLDER[$study]:-}" ] || { echo "unknown study '$study'; valid: $ALL" >&2; exit 2; }
-  "study_$study"
-  collect "${FOLDER[$study]}"
-done
+main() {
+  for study in ${@:-$ALL}; do
+    [ -n "${FOLDER[$study]:-}" ] || { echo "unknown study '$study'; valid: $ALL" >&2; exit 2; }
+    "study_$study"
+    collect "${FOLDER[$study]}"
+  done
+}
+# bash reads a script while running it: with the work in functions and `main; exit` on one
+# line, editing this file while studies run cannot change what they do
+main "$@"; exit

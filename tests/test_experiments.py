@@ -157,11 +157,13 @@ def test_default_run_benchmark_at_tiny_scale(tmp_path):
     tiny run: the benchmark's plumbing, not its timing)."""
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "default_run.py"),
                           *TINY, "method.criteria=[car,l1]", "method.rank_agreement=false",
-                          "method.per_class=false"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600)
+                          "method.per_class=false", "--keep", str(tmp_path / "kept")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     assert lines[0].split()[:4] == ["run", "wall_s", "peak_rss_mb", "train_s"]
     cold, warm = (ln.split() for ln in lines[1:])
     assert cold[0] == "cold" and warm[0] == "warm" and int(warm[3]) == 0
     assert cold[6] == warm[6] and cold[7] == "4"  # same scoring top-1; 2 layers x 2 criteria
+    kept = sorted(p.name for p in (tmp_path / "kept").iterdir())
+    assert kept == ["config.yaml", "curves.csv", "curves.png", "paired.csv", "regime.csv"]
