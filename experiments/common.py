@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
@@ -33,6 +34,27 @@ from carlib.models import build_model, load_checkpoint, save_checkpoint
 from carlib.scoring import MODES
 from carlib.stats import METHODS
 from carlib.train import fit
+
+
+class CheckRunDir(Callback):
+    """Hydra callback (conf/*.yaml `hydra.callbacks`): the run or sweep folder must be
+    creatable, else one line on stderr and exit 2, before Hydra creates it and fails with a
+    traceback (e.g. hydra.run.dir under a regular file, or in a read-only folder)."""
+
+    def _check(self, path: str, key: str) -> None:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+            print(f"error: cannot create the run folder {path} ({why}); choose a writable "
+                  f"{key}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
 def output_dir() -> Path:

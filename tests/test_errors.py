@@ -5,13 +5,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pandas as pd
 import pytest
 import torch
 from matplotlib.figure import Figure
-from test_experiments import TINY, run
+from test_experiments import ROOT, TINY, run
 from torch import nn
 
 from carlib import CarlibError, car_scores, global_prune, greedy_prune, prunable_layers
@@ -347,6 +349,17 @@ def test_script_cache_dir_under_a_file(tmp_path):
     assert line.endswith(".pt (Not a directory); choose a writable paths.cache_dir (or "
                          "model.checkpoint)")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script", ["prune.py", "train.py", "interpret.py", "compress.py"])
+def test_script_run_dir_under_a_file(tmp_path, script):
+    """Hydra makes the run folder before the script's guard runs: a callback checks it first."""
+    (tmp_path / "file.txt").write_text("x")
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / script),
+                          f"hydra.run.dir={tmp_path}/file.txt/run", "logger.mode=disabled"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert _one_line(res) == (f"error: cannot create the run folder {tmp_path}/file.txt/run "
+                              "(Not a directory); choose a writable hydra.run.dir")
 
 
 def test_script_state_dir_under_a_file(tmp_path):

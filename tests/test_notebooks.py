@@ -1,5 +1,7 @@
-"""The notebooks run headless, top to bottom, without an error: the API tour, and the results
-notebook on results/ as committed and on a results folder filled by tiny real runs."""
+"""The notebooks run headless, top to bottom, without an error (from scratch, their committed
+outputs cleared): the API tour, and the results notebook on results/ as committed and on a
+results folder filled by tiny real runs. They are committed executed, with their figures
+(scripts/execute_notebooks.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ from pathlib import Path
 import nbformat
 import pytest
 from conftest import TINY_BASE
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT / "scripts"))
 import aggregate  # noqa: E402
+import execute_notebooks  # noqa: E402
 
 TINY = [*TINY_BASE, "method.scoring.size=60", "method.n_keep=5", "logger.mode=disabled"]
 
@@ -37,13 +40,9 @@ def kernel(tmp_path, monkeypatch) -> str:
 
 
 def execute(name: str, kernel: str) -> nbformat.NotebookNode:
-    """Run notebooks/<name> in its folder (as Jupyter would); raises on any cell error."""
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    assert all(not c.get("outputs") and not c.get("execution_count")
-               for c in nb.cells if c.cell_type == "code"), f"{name} is committed with outputs"
-    NotebookClient(nb, timeout=120, kernel_name=kernel,
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
-    return nb
+    """Run notebooks/<name> from scratch in its folder (as Jupyter would); raises on any cell
+    error."""
+    return execute_notebooks.execute(NOTEBOOKS / name, kernel, timeout=300)
 
 
 def outputs(nb: nbformat.NotebookNode, kind: str) -> int:
@@ -62,7 +61,7 @@ def test_results_notebook_as_committed(kernel):
 
 def test_results_notebook_on_runs(kernel, tmp_path, monkeypatch):
     """results/ filled from real runs: an aggregated prune run, an interpret run, and a study
-    with only a curves.csv; every figure experiments/figures.py draws is shown."""
+    with only a curves.csv; the notebook's figures (SHOWN) are drawn for each of them."""
     results = tmp_path / "results"
 
     def script(name: str, *args: str) -> None:
@@ -79,8 +78,19 @@ def test_results_notebook_on_runs(kernel, tmp_path, monkeypatch):
     shutil.copy(tmp_path / "prune" / "curves.csv", results / "curves_only")
     monkeypatch.setenv("CARLIB_RESULTS", str(results))
     nb = execute("02_results.ipynb", kernel)
-    # prune: curves, rank agreement, summary, differences, class importance of conv1 and
-    # conv2; interpret: color counts, diversity; curves_only: curves
-    assert outputs(nb, "image/png") == 9
+    # prune: curves, summary, differences; interpret: color counts; curves_only: curves
+    assert outputs(nb, "image/png") == 5
     # summary tables: the aggregated prune study's and the one computed from curves_only
     assert outputs(nb, "text/html") >= 2 + 3
+
+
+@pytest.mark.parametrize("name", ["01_car_api.ipynb", "02_results.ipynb"])
+def test_committed_executed_with_figures(name):
+    """Opened on GitHub or in Jupyter, each notebook shows its figures: committed executed, top
+    to bottom, without an error output."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), \
+        f"{name}: run scripts/execute_notebooks.py"
+    assert not any(o.output_type == "error" for c in code for o in c.outputs)
+    assert outputs(nb, "image/png") >= 2
