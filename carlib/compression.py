@@ -75,7 +75,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     if keep < 1:
         raise CarlibError(f"sparsity {sparsity} of {flat.numel()} weights keeps none; lower it")
     order = torch.sort(flat, descending=True, stable=True).indices
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     mask[order[:keep]] = True
     return mask.view(weight.shape)
 
@@ -86,13 +86,15 @@ def kmeans_1d(values: torch.Tensor, n_clusters: int, max_iter: int = 300
 
     Centroids start evenly spaced between min and max of `values` (Deep Compression's linear
     initialisation); an empty cluster keeps its centroid; a value equidistant from two centroids
-    goes to the lower index. Computed in float64; deterministic.
+    goes to the lower index. Computed in float64 on `values`' device; deterministic on the CPU
+    (on CUDA the cluster sums are atomic adds unless `torch.use_deterministic_algorithms`).
     """
     x = values.detach().flatten().double()
     if x.numel() == 0 or n_clusters < 1:
         raise CarlibError(f"k-means needs values and at least 1 cluster; got {x.numel()} values "
                           f"and {n_clusters} clusters")
-    c = torch.linspace(float(x.min()), float(x.max()), n_clusters, dtype=torch.float64)
+    c = torch.linspace(float(x.min()), float(x.max()), n_clusters, dtype=torch.float64,
+                       device=x.device)
     labels = torch.full_like(x, -1, dtype=torch.int64)
     for _ in range(max_iter):
         new = torch.cat([(part[:, None] - c[None, :]).abs().argmin(1)
@@ -108,14 +110,15 @@ def kmeans_1d(values: torch.Tensor, n_clusters: int, max_iter: int = 300
 
 def quantize(weight: torch.Tensor, mask: torch.Tensor, bits: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight sharing of the kept weights: (codebook [2**bits], codes of weight's shape).
+    """Weight sharing of the kept weights: (codebook [2**bits], codes of weight's shape), both
+    on the weight's device.
 
     Codes at pruned positions are 0 (never read: `mask` says which positions hold a weight).
     """
     if bits < 1:
         raise CarlibError(f"quantization needs bits >= 1; got {bits}")
-    codebook, labels = kmeans_1d(weight.detach()[mask], 2 ** bits)
-    codes = torch.zeros(weight.shape, dtype=torch.int64)
+    codebook, labels = kmeans_1d(weight.detach()[mask.to(weight.device)], 2 ** bits)
+    codes = torch.zeros(weight.shape, dtype=torch.int64, device=weight.device)
     codes[mask] = labels
     return codebook, codes
 
@@ -130,9 +133,9 @@ def relative_indices(mask: torch.Tensor, index_bits: int) -> torch.Tensor:
         raise CarlibError(f"index_bits must be >= 1; got {index_bits}")
     esc = 2 ** index_bits - 1
     pos = mask.flatten().nonzero().flatten()
-    gaps = torch.diff(pos, prepend=torch.tensor([-1])) - 1
+    gaps = torch.diff(pos, prepend=torch.tensor([-1], device=pos.device)) - 1
     per = gaps // esc + 1  # escapes + the kept weight's own symbol
-    symbols = torch.full((int(per.sum()),), esc, dtype=torch.int64)
+    symbols = torch.full((int(per.sum()),), esc, dtype=torch.int64, device=pos.device)
     symbols[torch.cumsum(per, 0) - 1] = gaps % esc
     return symbols
 
@@ -248,7 +251,7 @@ def apply_mask(module: nn.Module, mask: torch.Tensor) -> None:
     """Make `module.weight` = stored weight * `mask` until `bake`: pruned weights stay 0 under
     any training (their gradient is 0)."""
     _check_free(module)
-    mask = mask.to(module.weight.dtype)
+    mask = mask.to(module.weight.device, module.weight.dtype)
     parametrize.register_parametrization(module, "weight", _Masked(mask))
 
 
@@ -261,7 +264,8 @@ def share_weights(module: nn.Module, codebook: torch.Tensor, codes: torch.Tensor
     """
     _check_free(module)
     module.weight.requires_grad_(False)
-    shared = _Shared(codebook.to(module.weight.dtype), codes, mask.to(module.weight.dtype))
+    w = module.weight
+    shared = _Shared(codebook.to(w.device, w.dtype), codes.to(w.device), mask.to(w.device, w.dtype))
     parametrize.register_parametrization(module, "weight", shared)
     module.parametrizations.weight.original.requires_grad_(False)
     return module.parametrizations.weight[0].codebook

@@ -1,11 +1,13 @@
-"""What a network costs on a CPU: parameters, FLOPs and measured latency (original vs pruned).
+"""What a network costs: parameters, FLOPs and measured latency (original vs pruned).
 
 FLOPs are what `torch.utils.flop_counter.FlopCounterMode` counts: 2 per multiply-add of the
 conv, linear and matmul ops (bias additions, BatchNorm, activations, pooling and residual
-additions are not counted). Latency is wall time of a forward pass in eval mode under
-`torch.no_grad()` with a fixed number of intra-op threads: the median of `runs` timed passes
-after `warmup` untimed ones, the variants' passes interleaved so that load from other jobs on
-the machine affects them alike.
+additions are not counted). Latency is wall time of a forward pass on the model's device in
+eval mode under `torch.no_grad()` with a fixed number of intra-op (CPU) threads: the median of
+`runs` timed passes after `warmup` untimed ones, the variants' passes interleaved so that load
+from other jobs on the machine affects them alike. On CUDA each pass is timed between
+`torch.cuda.synchronize` calls (kernels run asynchronously). The input is drawn on the CPU from
+a seeded generator and copied to each model's device: the same numbers on every device.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from carlib.evaluate import eval_mode
+from carlib.evaluate import eval_mode, model_device
 
 COLUMNS = ["model", "variant", "params", "flops", "latency_ms_b1", "latency_ms_bN", "batch_size"]
 
@@ -33,7 +35,7 @@ def count_params(model: nn.Module) -> int:
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     """FLOPs of one forward pass on `example_input` (see the module docstring)."""
     with eval_mode(model), FlopCounterMode(display=False) as counter:
-        model(example_input)
+        model(example_input.to(model_device(model)))
     return int(counter.get_total_flops())
 
 
@@ -47,19 +49,29 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 @torch.no_grad()
 def latencies_ms(models: Mapping[str, nn.Module], example_input: torch.Tensor, runs: int = 20,
                  warmup: int = 3, threads: int = 1) -> dict[str, float]:
-    """Median forward time in milliseconds of each model on `example_input` (interleaved)."""
+    """Median forward time in milliseconds of each model on `example_input` (interleaved), each
+    on its own device."""
     times: dict[str, list[float]] = {k: [] for k in models}
+    devs = {k: model_device(m) for k, m in models.items()}
+    inputs = {k: example_input.to(dev) for k, dev in devs.items()}
     with ExitStack() as stack:
         stack.enter_context(_threads(threads))
         for m in models.values():
             stack.enter_context(eval_mode(m))
         for i in range(warmup + runs):
             for name, m in models.items():
+                _sync(devs[name])
                 start = time.perf_counter()
-                m(example_input)
+                m(inputs[name])
+                _sync(devs[name])
                 if i >= warmup:
                     times[name].append((time.perf_counter() - start) * 1e3)
     return {k: float(torch.tensor(v).median()) for k, v in times.items()}
@@ -71,7 +83,7 @@ def cost_report(models: Mapping[str, nn.Module], input_shape: Sequence[int], mod
     """One row per variant (e.g. {"original": m, "pruned": p}) with the columns `COLUMNS`.
 
     `input_shape` is one input's (C, H, W); `flops` are per image (batch 1); latency at batch 1
-    and at `batch_size` (column `latency_ms_bN`).
+    and at `batch_size` (column `latency_ms_bN`), on each model's device.
     """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, *input_shape, generator=g)

@@ -3,8 +3,11 @@
 A criterion is a `Criterion`: a name, a scoring function (net, layer, cut, kept, metric) ->
 (scores, tally or None), with `scores[i]` the importance of filter `kept[i]` (higher = more
 important), recomputed after every removal so all criteria follow the same greedy schedule, and
-the rule that breaks ties on the score. `cut` is the layer's `LayerData` on the scoring set;
-its prefix output is the layer's channels at the mask point, *before* the mask.
+the rule that breaks ties on the score. The tally (`carlib.scoring.Tally`, hits in `metric`'s
+top-k) counts the candidates `kept`, or none (a base-only tally: the network's own hits, which
+greedy runs record as scoring accuracy instead of measuring it again). `cut` is the layer's
+`LayerData` on the scoring set; its prefix output is the layer's channels at the mask point,
+*before* the mask.
 `register_criterion` adds one; `greedy_prune(criterion=...)` takes a name or a `Criterion`.
 
 - `car`: classification accuracy reduction (Abbasi-Asl & Yu): metric drop on removal
@@ -38,12 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from carlib.errors import CarlibError
+from carlib.evaluate import hits, losses, topk_of
 from carlib.graph import MaskedNet
 from carlib.scoring import LayerData, Tally, tally
 
 Scores = tuple[torch.Tensor, Tally | None]
 ScoreFn = Callable[[MaskedNet, str, LayerData, list[int], str], Scores]
 TIE_BREAKS = ("loss", "random")
+DEPENDS = ("weights", "prefix", "network")
 
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu, F.relu_)
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
@@ -56,17 +61,26 @@ class Criterion:
     `tie_break`: "loss" (equal scores go to the smaller loss increase on the scoring set,
     then the lower index) or "random" (a seeded random order). `metric`, if set, is the metric
     the criterion always uses (the loss criterion), else the run's `metric` applies.
+    `depends`: what a filter's score depends on besides which filters of its layer are kept,
+    so the network-wide schedule can reuse a layer's scores while that is unchanged:
+    "weights" (the layer's own weights: l1, l2, random), "prefix" (also the scoring data
+    through the layer's prefix, i.e. the masks of the layers upstream: mean_activation,
+    apoz) or "network" (every mask: car, loss, taylor; the default, always re-scored).
     """
 
     name: str
     fn: ScoreFn
     tie_break: str = "loss"
     metric: str | None = None
+    depends: str = "network"
 
     def __post_init__(self) -> None:
         if self.tie_break not in TIE_BREAKS:
             raise CarlibError(f"tie_break='{self.tie_break}' for criterion '{self.name}'; "
                               f"valid: {', '.join(TIE_BREAKS)}")
+        if self.depends not in DEPENDS:
+            raise CarlibError(f"depends='{self.depends}' for criterion '{self.name}'; "
+                              f"valid: {', '.join(DEPENDS)}")
 
     def __call__(self, net: MaskedNet, layer: str, cut: LayerData, kept: list[int],
                  metric: str) -> Scores:
@@ -158,18 +172,24 @@ def apoz(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: st
 def taylor(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
     """First-order Taylor importance (Molchanov et al. 2019): mean over batches of G_b(c)^2."""
     total = torch.zeros(net.unit(layer).num_filters, dtype=torch.float64)
-    batches = 0
+    batches, n, correct, loss_sum = 0, 0, 0, 0.0
     for (h, *extras), y in cut:
         with torch.enable_grad():
             gate = torch.ones(1, h.shape[1], *[1] * (h.dim() - 2), dtype=h.dtype,
                               device=h.device, requires_grad=True)
-            loss = F.cross_entropy(cut.suffix(h * gate, *extras), y)
+            logits = cut.suffix(h * gate, *extras)
+            loss = F.cross_entropy(logits, y)
             (g,) = torch.autograd.grad(loss, gate)
         total += g.flatten().double().cpu() ** 2
         batches += 1
+        n += len(y)  # the forward pass also measured the network: a base-only tally
+        correct += int(hits(logits.detach(), y, topk_of(metric)).sum())
+        loss_sum += float(losses(logits.detach(), y).sum())
     if batches == 0:
         raise CarlibError("the scoring set is empty; check method.scoring.size")
-    return (total / batches)[kept], None
+    base = Tally([], n, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
+                 correct, loss_sum)
+    return (total / batches)[kept], base
 
 
 def make_random(seed: int, layers: Sequence[str] | None = None) -> ScoreFn:
@@ -194,11 +214,13 @@ _REGISTRY: dict[str, Callable[[int, Sequence[str] | None, str], Criterion]] = {
     "car_random_tie": lambda seed, layers, mode: Criterion("car_random_tie", make_car(mode),
                                                            tie_break="random"),
     "loss": lambda seed, layers, mode: Criterion("loss", make_car(mode), metric="loss"),
-    "random": lambda seed, layers, mode: Criterion("random", make_random(seed, layers)),
-    "l1": lambda seed, layers, mode: Criterion("l1", l1),
-    "l2": lambda seed, layers, mode: Criterion("l2", l2),
-    "mean_activation": lambda seed, layers, mode: Criterion("mean_activation", mean_activation),
-    "apoz": lambda seed, layers, mode: Criterion("apoz", apoz),
+    "random": lambda seed, layers, mode: Criterion("random", make_random(seed, layers),
+                                                   depends="weights"),
+    "l1": lambda seed, layers, mode: Criterion("l1", l1, depends="weights"),
+    "l2": lambda seed, layers, mode: Criterion("l2", l2, depends="weights"),
+    "mean_activation": lambda seed, layers, mode: Criterion("mean_activation", mean_activation,
+                                                            depends="prefix"),
+    "apoz": lambda seed, layers, mode: Criterion("apoz", apoz, depends="prefix"),
     "taylor": lambda seed, layers, mode: Criterion("taylor", taylor),
 }
 CRITERIA: tuple[str, ...] = tuple(_REGISTRY)  # the built-in ones
@@ -207,14 +229,15 @@ CAR_FAMILY = ("car", "car_random_tie", "loss")  # criteria that count flips with
 
 def register_criterion(name: str, fn: ScoreFn | None = None, *, tie_break: str = "loss",
                        factory: Callable[[int, Sequence[str] | None, str], Criterion] | None
-                       = None) -> None:
+                       = None, depends: str = "network") -> None:
     """Make criterion `name` available to `get_criterion`, `greedy_prune` and the configs
-    (`method.criteria`): a scoring function `fn` (see the module docstring) with its tie rule,
-    or a `factory(seed, layers, mode) -> Criterion` for criteria that depend on those."""
+    (`method.criteria`): a scoring function `fn` (see the module docstring) with its tie rule
+    and `depends` (see `Criterion`), or a `factory(seed, layers, mode) -> Criterion` for
+    criteria that depend on those."""
     if (fn is None) == (factory is None):
         raise CarlibError(f"register_criterion('{name}'): give fn or factory, not both")
     if factory is None:
-        spec = Criterion(name, fn, tie_break)  # type: ignore[arg-type]
+        spec = Criterion(name, fn, tie_break, depends=depends)  # type: ignore[arg-type]
         factory = lambda seed, layers, mode: spec  # noqa: E731
     _REGISTRY[name] = factory
 

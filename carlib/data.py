@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from carlib.decoded import ToNormalized
 from carlib.errors import CarlibError, writing
 from carlib.shapes import GENERATOR_KEYS, HARD, make_shapes
 
@@ -215,10 +216,40 @@ def _load_cifar10(root: str | None, download: bool) -> tuple[Dataset, Dataset, l
     return train, test, list(train.classes)
 
 
+def read_image(path: str) -> object:
+    """Open an image file as RGB (torchvision's ImageFolder loader); module level so that
+    tests can count the decodes."""
+    from torchvision.datasets.folder import default_loader
+
+    return default_loader(path)
+
+
+def _loader(path: str) -> object:
+    return read_image(path)  # looked up per call: a patched read_image counts every decode
+
+
+def imagenet_transform(size: int, weights_transforms: Callable | None = None) -> Callable:
+    """ImageNet preprocessing as uint8 steps then `ToNormalized`, so a decoded set can keep the
+    uint8 images (`carlib.decoded`): the weights' own (torchvision's ImageClassification:
+    resize, center crop, to float, normalize; the same functions in the same order), else
+    resize to size * 256/224 (shorter side) and center-crop `size`."""
+    from torchvision import transforms as T
+
+    w = weights_transforms
+    if w is None:
+        return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size),
+                          T.PILToTensor(), ToNormalized(IMAGENET_MEAN, IMAGENET_STD)])
+    if not all(hasattr(w, a) for a in ("resize_size", "crop_size", "mean", "std",
+                                        "interpolation", "antialias")):
+        return w  # not torchvision's ImageClassification: used as it is (decoded as float)
+    return T.Compose([T.Resize(w.resize_size, interpolation=w.interpolation,
+                               antialias=w.antialias),
+                      T.CenterCrop(w.crop_size), T.PILToTensor(), ToNormalized(w.mean, w.std)])
+
+
 def _load_imagenet(
     root: str | None, weights_transforms: Callable | None, image_size: int | None
 ) -> tuple[Dataset, Dataset, list[str], int]:
-    from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
     layout = "root/{train,val}/<wnid>/*.JPEG"
@@ -229,7 +260,6 @@ def _load_imagenet(
             raise CarlibError(f"ImageNet split missing: {Path(root) / split} is not a directory; "
                               f"expected the ImageFolder layout {layout}.")
     if weights_transforms is not None:
-        tf = weights_transforms
         crop = getattr(weights_transforms, "crop_size", 224)
         size = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
         if image_size is not None and image_size != size:
@@ -238,11 +268,10 @@ def _load_imagenet(
                               "model.weights=null for another size)")
     else:
         size = 224 if image_size is None else int(image_size)
-        tf = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
-                        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    tf = imagenet_transform(size, weights_transforms)
     try:
-        train = ImageFolder(str(Path(root) / "train"), transform=tf)
-        test = ImageFolder(str(Path(root) / "val"), transform=tf)
+        train = ImageFolder(str(Path(root) / "train"), transform=tf, loader=_loader)
+        test = ImageFolder(str(Path(root) / "val"), transform=tf, loader=_loader)
     except (FileNotFoundError, OSError) as e:
         raise CarlibError(f"Cannot read ImageNet at {root} ({e}); expected {layout}.") from e
     if train.classes != test.classes:
@@ -420,10 +449,20 @@ def load_indices(path: str | os.PathLike) -> torch.Tensor:
         raise CarlibError(f"{path} must hold one integer per line ({e}); regenerate it.") from e
 
 
-def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0
-) -> DataLoader:
-    """Single-process DataLoader; shuffling uses its own seeded generator."""
+def in_memory(dataset: Dataset) -> bool:
+    """Whether `dataset` holds its items as tensors (a TensorDataset, or a Subset of one)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, TensorDataset)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, *,
+                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader; shuffling uses its own seeded generator. Datasets read from disk use
+    `num_workers` worker processes and, with `pin_memory` (for CUDA), pinned batches; an
+    in-memory dataset is read in this process (workers would only copy its tensors)."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0,
-                      generator=generator)
+    workers = 0 if in_memory(dataset) else num_workers
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      pin_memory=pin_memory and torch.cuda.is_available(),
+                      persistent_workers=False, generator=generator)

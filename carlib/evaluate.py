@@ -10,8 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from carlib.errors import CarlibError
+from carlib.precision import float32_exact
 
 METRICS = ("top1", "top5", "loss")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of `model`'s first parameter (or buffer); the CPU for a model with neither."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def check_metric(metric: str) -> None:
@@ -62,6 +70,7 @@ def image_hits(model: nn.Module, data: Iterable, k: int = 1) -> torch.Tensor:
 
 
 @torch.no_grad()
+@float32_exact()
 def evaluate(model: nn.Module, data: Iterable) -> dict[str, float]:
     """top1, top5 (fractions), mean cross-entropy and n of `model` on `data` batches."""
     n, c1, c5, loss = 0, 0, 0, 0.0

@@ -1,7 +1,8 @@
 """CAR scoring: network accuracy with each candidate filter removed, as exact counts.
 
 For a layer, the network is cut at the layer's mask point (`MaskedNet.split`): the prefix runs
-once per scoring batch and is cached (`LayerData`). Three modes then count hits per candidate:
+once per scoring batch and is cached where `carlib.cache` plans it (`LayerData`). Three modes
+then count hits per candidate:
 
 - "fast" (default): the suffix is cut again at the layer's consumers
   (`MaskedNet.split_at_consumers`). Per image chunk, the consumers run once; for candidate c
@@ -19,32 +20,131 @@ function, another summation order), so a hit can differ only where the target's 
 the k-th largest other logit is within that rounding error. Every (candidate, image) whose
 margin is at most rtol x its largest |logit| is recomputed on the plain path and counted from
 there; rtol = sqrt(machine epsilon), raised to 32x the relative error measured on a probe
-image if that is larger. The bound is empirical, not proven. Exact ties (margin 0) always go
-to the plain path, so the reference's tie rule (lowest class index) decides them. The plain
-path, the naive path and physically removed filters compute the same function with
-differently batched kernels; they agree on every image whose margin exceeds rounding.
+image if that is larger (reduced precision: see below). The bound is empirical, not proven.
+Exact ties (margin 0) always go to the plain path, so the reference's tie rule (lowest class
+index) decides them. The plain path, the naive path and physically removed filters compute
+the same function with differently batched kernels; they agree on every image whose margin
+exceeds rounding.
 
 Hit counts are exact integers; losses (float64 sums) agree across modes to float rounding.
+
+Options (`ScoringOptions`, defaults per device): the pass size (`max_bytes`, `chunk`); where
+LayerData keeps the prefix outputs (`placement` and budgets, planned by `carlib.cache`); and
+the fast passes' `precision`. With "bf16" (autocast) or "tf32" (CUDA), the layers after the
+consumers run in reduced precision (the consumer subtraction, a 1/channels share of the
+work, stays float32); base logits and rechecks are float32. The guard's tolerance is then
+the larger of the precision's epsilon and 8x the error against float32 measured on every
+pair of the first pass (bf16 on small conv nets: errors of 0.5-4% of max |logit|, 6-12% of
+pairs rechecked), so hit counts (correct, flips, per class) are those of the float32
+network. Losses of pairs not rechecked come from reduced-precision logits and are
+approximate: metric="loss" tallies (the loss criterion) run in float32 whatever the
+precision, and the loss increases that break CAR's ties in greedy runs are approximate (a tie
+may go another way than in float32). Counts stay on the device: one host sync per
+tally, plus the guard's (one per pass).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from carlib import cache
+from carlib.cache import CachePlan
 from carlib.errors import CarlibError
-from carlib.evaluate import check_metric, eval_mode, hits, losses, topk_of
+from carlib.evaluate import check_metric, eval_mode, hits, losses, model_device, topk_of
 from carlib.graph import ConsumerSplit, MaskedNet
+from carlib.precision import float32_exact
 
 MODES = ("fast", "plain", "naive")
 # Working memory of one batched pass (candidates x images). Small on purpose: on CPU, tensors
 # above glibc's mmap threshold (<= 32 MiB) are fresh mappings, page-faulted on every pass.
 DEFAULT_MAX_BYTES = 64 * 2**20
+DEFAULT_CHUNK = 8
+# CUDA pass size: untuned estimates (a pass of ~1 GiB, 64 candidates), pending measurement.
+CUDA_MAX_BYTES = 2**30
+CUDA_CHUNK = 64
+PRECISIONS = ("float32", "bf16", "tf32")
+_EPS = {"bf16": torch.finfo(torch.bfloat16).eps, "tf32": 2.0**-10}  # spacing of floats at 1
 _SAFETY = 32  # guard tolerance >= this x the fast path's error observed on a probe
+# Reduced precision: the probe covers a whole pass, so 2 (a margin has two logits' errors) x 4
+# (other images and candidates err more: up to 1.7x the probe's maximum, measured on small
+# conv nets); the floor is the precision's epsilon, not its square root (that is 0.09 in bf16).
+_SAFETY_REDUCED = 8
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How tallies run; no option changes a hit count. Defaults per device: `for_device`.
+
+    max_bytes: working memory of one batched pass (candidates x images), about.
+    chunk: candidates per pass, at most.
+    placement: where LayerData keeps prefix outputs: auto | device | host | recompute
+      (`carlib.cache`); "auto" picks the first that fits the budgets.
+    cache_budget_bytes: device memory for the cache plus one pass; None: half of what is
+      free when a cut is planned.
+    host_budget_bytes: host memory for a "host" cache; None: half the available RAM for a
+      CUDA model, 0 (no host tier) on the CPU.
+    precision: float32 | bf16 | tf32 (CUDA only) for the fast passes; see the module
+      docstring.
+    """
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    chunk: int = DEFAULT_CHUNK
+    placement: str = "auto"
+    cache_budget_bytes: int | None = None
+    host_budget_bytes: int | None = None
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "chunk"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise CarlibError(f"scoring {name}={getattr(self, name)!r} must be a whole "
+                                  "number >= 1")
+        for name in ("cache_budget_bytes", "host_budget_bytes"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and v >= 0):
+                raise CarlibError(f"scoring {name}={v!r} must be a whole number of bytes >= 0 "
+                                  "(or null for the default)")
+        if self.placement not in cache.PLACEMENTS:
+            raise CarlibError(f"unknown cache placement '{self.placement}'; valid: "
+                              f"{', '.join(cache.PLACEMENTS)}")
+        if self.precision not in PRECISIONS:
+            raise CarlibError(f"unknown scoring precision '{self.precision}'; valid: "
+                              f"{', '.join(PRECISIONS)}")
+
+    @classmethod
+    def for_device(cls, device: torch.device | str, **changes: object) -> ScoringOptions:
+        """The defaults for `device` with `changes`: the CPU's pass size is tuned (see
+        DEFAULT_MAX_BYTES); CUDA's (CUDA_MAX_BYTES, CUDA_CHUNK) are untuned estimates."""
+        if torch.device(device).type == "cuda":
+            changes = {"max_bytes": CUDA_MAX_BYTES, "chunk": CUDA_CHUNK, **changes}
+        return cls(**changes)
+
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        """CarlibError where `precision` cannot run for a model on `device` in `dtype`."""
+        if self.precision == "tf32" and device.type != "cuda":
+            raise CarlibError(f"precision=tf32 needs a CUDA device (the model is on "
+                              f"{device.type}); use bf16 or float32")
+        if self.precision != "float32" and dtype != torch.float32:
+            raise CarlibError(f"precision={self.precision} needs a float32 model (it is "
+                              f"{dtype}); use precision=float32")
+
+
+@contextmanager
+def _math(precision: str, device: torch.device) -> Iterator[None]:
+    """Run the block in `precision`: float32 proper (no TF32, `float32_exact`), autocast to
+    bf16, or TF32 in CUDA matmuls and convs. The flags are restored after."""
+    with float32_exact():
+        if precision == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+              else nullcontext()):
+            yield
 
 
 def _input_conv(net: MaskedNet) -> nn.Conv2d | None:
@@ -138,36 +238,83 @@ def checked(net: MaskedNet, data: Iterable, what: str = "scoring set"
 
 
 class LayerData:
-    """Batches cut at `layer`: (prefix outputs, targets), computed once and kept if `cache`.
+    """Batches cut at `layer`: (prefix outputs, targets), computed once per scoring batch.
 
-    The cache stays valid while only this layer's mask changes (the prefix does not read it).
-    The data is checked as it is first read (`checked`; `what` names it in errors).
+    Where the prefix outputs are kept is planned from the first batch (`plan`, `placement`;
+    see `carlib.cache`); `cache=False` recomputes them on every read. A cache stays valid
+    while only this layer's mask changes (the prefix does not read it). The data is checked
+    as it is first read (`checked`; `what` names it in errors). `options` (default:
+    `ScoringOptions.for_device` of the model's device) also set the tallies' defaults.
     """
 
     def __init__(self, net: MaskedNet, layer: str, data: Iterable, cache: bool = True,
-                 what: str = "scoring set") -> None:
+                 what: str = "scoring set", options: ScoringOptions | None = None) -> None:
         self.net, self.layer = net, layer
         self.prefix, self.suffix = net.split(layer)
         self.data, self.cache, self.what = data, cache, what
+        self.device = model_device(net)
+        self.options = options if options is not None else ScoringOptions.for_device(self.device)
         self._batches: list[tuple[tuple, torch.Tensor]] | None = None
+        self._plan: CachePlan | None = None
+        self.cached_bytes = 0  # bytes the cache holds, once filled
         self._engine: _Engine | None = None
         self.fallback: str | None = None  # why the fast path is not used, once known
         self.item_bytes: int | None = None  # peak suffix activation bytes per image, x3
         self.memo: TallyMemo | None = None  # tallies shared with other runs (see TallyMemo)
 
+    @property
+    def placement(self) -> str:
+        """Where the prefix outputs are kept: device, host or recompute (`plan`)."""
+        return self.plan().placement
+
+    def plan(self) -> CachePlan:
+        """The cache plan (placement and bytes), made from the first batch, read now if the
+        cut has not been read yet (all of a one-shot iterator, which is then cached)."""
+        if self._plan is None:
+            if iter(self.data) is self.data:
+                for _ in self:
+                    pass
+            else:
+                x, y = next(checked(self.net, self.data, self.what))
+                self._plan = self._make_plan(x, y)
+        return self._plan
+
+    @torch.no_grad()
+    def _make_plan(self, x: torch.Tensor, y: torch.Tensor) -> CachePlan:
+        """Place the cache from one probe image's prefix outputs (`carlib.cache.plan`)."""
+        per_image = cache.nbytes(self.prefix(x[:1].clone())) + y[:1].nbytes
+        opts = self.options
+        images = cache.count_images(self.data) if self.cache else None
+        return cache.plan(per_image, images, len(y), opts.max_bytes,
+                          opts.placement if self.cache else "recompute", self.device,
+                          opts.cache_budget_bytes, opts.host_budget_bytes,
+                          f"the {self.what} cut at {self.layer}")
+
+    @property
+    def filled(self) -> bool:
+        """Whether the prefix outputs are cached (iterating needs no prefix pass)."""
+        return self._batches is not None
+
     @torch.no_grad()
     def __iter__(self) -> Iterator[tuple[tuple, torch.Tensor]]:
         if self._batches is not None:
-            yield from self._batches
+            for outs, y in self._batches:
+                yield (tuple(cache.fetch(t, self.device) for t in outs),
+                       cache.fetch(y, self.device))
             return
         batches = []
         for x, y in checked(self.net, self.data, self.what):
+            if self._plan is None:
+                self._plan = self._make_plan(x, y)
             item = (tuple(self.prefix(x)), y)
-            if self.cache:
-                batches.append(item)
+            where = self._plan.placement
+            if where != "recompute":
+                batches.append((tuple(cache.stow(t, where) for t in item[0]),
+                                cache.stow(y, where)))
             yield item
-        if self.cache:
+        if self._plan is not None and self._plan.placement != "recompute":
             self._batches = batches
+            self.cached_bytes = sum(cache.nbytes((*outs, y)) for outs, y in batches)
 
     def engine(self, h: torch.Tensor) -> _Engine | None:
         """The fast path's pieces, or None (reason in `fallback`) where they do not apply."""
@@ -261,33 +408,44 @@ class TallyMemo:
 
 
 class _Counts:
-    """Accumulates a Tally from logits, batch by batch."""
+    """Accumulates a Tally from logits, batch by batch, on the logits' device (`tally` copies
+    the totals to the host: one sync)."""
 
     def __init__(self, candidates: list[int], k: int, per_class: bool) -> None:
         self.candidates, self.k, self.per_class = list(candidates), k, per_class
-        self.correct = torch.zeros(len(candidates), dtype=torch.long)
-        self.lost = torch.zeros(len(candidates), dtype=torch.long)
-        self.gained = torch.zeros(len(candidates), dtype=torch.long)
+        self.n, self.rechecked = 0, 0
         self.base_hit: torch.Tensor | None = None  # of the images `add` is called with next
-        self.loss = torch.zeros(len(candidates), dtype=torch.float64)
-        self.n, self.base_correct, self.base_loss, self.rechecked = 0, 0, 0.0, 0
         self.cpc: torch.Tensor | None = None
         self.base_cpc: torch.Tensor | None = None
+        self._on(torch.device("cpu"))
+
+    def _on(self, device: torch.device) -> None:
+        """(Re)make the zeroed accumulators on `device`."""
+        m, long = len(self.candidates), torch.long
+        self.correct = torch.zeros(m, dtype=long, device=device)
+        self.lost = torch.zeros(m, dtype=long, device=device)
+        self.gained = torch.zeros(m, dtype=long, device=device)
+        self.loss = torch.zeros(m, dtype=torch.float64, device=device)
+        self.base_correct = torch.zeros((), dtype=long, device=device)
+        self.base_loss = torch.zeros((), dtype=torch.float64, device=device)
 
     def _by_class(self, hit: torch.Tensor, y: torch.Tensor, classes: int) -> torch.Tensor:
         """Hits (m, b) summed per target class: (m, classes)."""
         if self.cpc is None:
-            self.cpc = torch.zeros(len(self.candidates), classes, dtype=torch.long)
-            self.base_cpc = torch.zeros(classes, dtype=torch.long)
-        return torch.zeros(len(hit), classes, dtype=torch.long).index_add_(
-            1, y.cpu(), hit.long().cpu())
+            self.cpc = torch.zeros(len(self.candidates), classes, dtype=torch.long,
+                                   device=hit.device)
+            self.base_cpc = torch.zeros(classes, dtype=torch.long, device=hit.device)
+        return torch.zeros(len(hit), classes, dtype=torch.long, device=hit.device).index_add_(
+            1, y, hit.long())
 
     def add_base(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        if self.n == 0 and logits.device != self.correct.device:
+            self._on(logits.device)
         hit = hits(logits, y, self.k)
         self.base_hit = hit
         self.n += len(y)
-        self.base_correct += int(hit.sum())
-        self.base_loss += float(losses(logits, y).sum())
+        self.base_correct += hit.sum()
+        self.base_loss += losses(logits, y).sum()
         if self.per_class:
             by_class = self._by_class(hit[None], y, logits.shape[-1])[0]
             self.base_cpc += by_class
@@ -296,18 +454,21 @@ class _Counts:
         """Logits (m, b, classes) of candidates start..start+m-1 on images with targets y."""
         hit = hits(logits, y, self.k)
         sl = slice(start, start + len(logits))
-        self.correct[sl] += hit.sum(1).cpu()
-        self.lost[sl] += (self.base_hit & ~hit).sum(1).cpu()
-        self.gained[sl] += (~self.base_hit & hit).sum(1).cpu()
-        self.loss[sl] += losses(logits, y).sum(1).cpu()
+        self.correct[sl] += hit.sum(1)
+        self.lost[sl] += (self.base_hit & ~hit).sum(1)
+        self.gained[sl] += (~self.base_hit & hit).sum(1)
+        self.loss[sl] += losses(logits, y).sum(1)
         if self.per_class:
             by_class = self._by_class(hit, y, logits.shape[-1])
             self.cpc[sl] += by_class
 
     def tally(self) -> Tally:
-        return Tally(self.candidates, self.n, self.correct, self.loss, self.base_correct,
-                     self.base_loss, self.cpc, self.base_cpc, self.rechecked, self.lost,
-                     self.gained)
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.cpu()
+
+        return Tally(self.candidates, self.n, host(self.correct), host(self.loss),
+                     int(self.base_correct), float(self.base_loss), host(self.cpc),
+                     host(self.base_cpc), self.rechecked, host(self.lost), host(self.gained))
 
 
 class _Peak(fx.Interpreter):
@@ -371,7 +532,7 @@ class _Engine:
 
     def __init__(self, split: ConsumerSplit, h: torch.Tensor) -> None:
         self.split, self.channels = split, h.shape[1]
-        self.err: float | None = None  # fast path's relative error on a probe
+        self.err: dict[str, float] = {}  # fast path's relative error on a probe, by precision
         for f, x in zip(split.consumers, split.between(h[:1]), strict=True):
             if not (isinstance(f, nn.Conv2d) and x.dim() == 4 and x.shape[1] == self.channels
                     or isinstance(f, nn.Linear) and x.dim() == 2
@@ -398,16 +559,20 @@ class _Engine:
         return self.split.rest(*outs, *reps).view(m, b, -1)
 
     def tolerance(self, out: torch.Tensor, probe: Callable[[], torch.Tensor],
-                  rtol: float | None) -> float:
-        """The guard's tolerance: `rtol` if given, else max(default_rtol, _SAFETY x the
-        relative error of the fast logits `out[:, 0]` against `probe()` (measured once)."""
+                  rtol: float | None, precision: str = "float32") -> float:
+        """The guard's tolerance: `rtol` if given, else the larger of a floor and a multiple
+        of the relative error of fast logits `out` against the plain float32 ones `probe()`
+        (same shape; measured once per precision): float32 passes, sqrt(epsilon) and _SAFETY;
+        reduced precision, its epsilon and _SAFETY_REDUCED."""
         if rtol is not None:
             return rtol
-        if self.err is None:
+        if precision not in self.err:
             ref = probe()
-            self.err = float(((out[:, 0] - ref).abs().amax(-1)
-                              / ref.abs().amax(-1).clamp_min(1e-30)).max())
-        return max(default_rtol(out.dtype), _SAFETY * self.err)
+            self.err[precision] = float(((out - ref).abs().amax(-1)
+                                         / ref.abs().amax(-1).clamp_min(1e-30)).max())
+        if precision == "float32":
+            return max(default_rtol(out.dtype), _SAFETY * self.err[precision])
+        return max(_EPS[precision], _SAFETY_REDUCED * self.err[precision])
 
 
 def _unsure(logits: torch.Tensor, y: torch.Tensor, k: int, rtol: float) -> torch.Tensor:
@@ -426,10 +591,24 @@ def default_rtol(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps ** 0.5
 
 
+def _probe(cut: LayerData, h: torch.Tensor, extras: Sequence[torch.Tensor], cs: torch.Tensor,
+           out: torch.Tensor, precision: str) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """(fast logits, their float32 plain path, deferred) for the guard's error estimate: the
+    first image of a float32 pass; every pair of a reduced-precision pass (its error varies
+    more from image to image, and it is measured once per cut)."""
+    if precision == "float32":
+        return out[:, 0], lambda: _zeroed_suffix(cut.suffix, h, extras, torch.zeros_like(cs), cs)
+    m, b = out.shape[:2]
+    rows = torch.arange(b, device=h.device).repeat(m)
+    return out, lambda: _zeroed_suffix(cut.suffix, h, extras, rows,
+                                       cs.repeat_interleave(b)).view(m, b, -1)
+
+
 def _tally_images(cut: LayerData, engine: _Engine | None, h: torch.Tensor,
                   extras: Sequence[torch.Tensor], y: torch.Tensor, candidates: list[int],
-                  m: int, counts: _Counts, rtol: float | None) -> None:
-    """Add one image chunk's base and per-candidate results to `counts`, m candidates a pass."""
+                  m: int, counts: _Counts, rtol: float | None, precision: str) -> None:
+    """Add one image chunk's base and per-candidate results to `counts`, m candidates a pass
+    (fast passes in `precision`, the rest float32)."""
     b = len(y)
     if engine is None:
         counts.add_base(cut.suffix(h, *extras), y)
@@ -443,9 +622,10 @@ def _tally_images(cut: LayerData, engine: _Engine | None, h: torch.Tensor,
             out = _zeroed_suffix(cut.suffix, h, extras, rows, cs.repeat_interleave(b))
             counts.add(s, out.view(len(cs), b, -1), y)
             continue
-        out = engine.ablated(xs, ys, extras, cs)
-        tol = engine.tolerance(out, lambda cs=cs: _zeroed_suffix(
-            cut.suffix, h, extras, torch.zeros_like(cs), cs), rtol)
+        with _math(precision, h.device):
+            out = engine.ablated(xs, ys, extras, cs)
+        out = out.to(base.dtype)
+        tol = engine.tolerance(*_probe(cut, h, extras, cs, out, precision), rtol, precision)
         j, i = torch.nonzero(_unsure(out, y, counts.k, tol), as_tuple=True)
         if len(j):
             out[j, i] = _zeroed_suffix(cut.suffix, h, extras, i, cs[j])
@@ -459,38 +639,50 @@ def check_mode(mode: str) -> None:
 
 
 @torch.no_grad()
-def tally(cut: LayerData, candidates: list[int], metric: str = "top1", chunk: int = 8, *,
-          mode: str = "fast", per_class: bool = False, max_bytes: int = DEFAULT_MAX_BYTES,
-          rtol: float | None = None) -> Tally:
+def tally(cut: LayerData, candidates: list[int], metric: str = "top1", chunk: int | None = None,
+          *, mode: str = "fast", per_class: bool = False, max_bytes: int | None = None,
+          rtol: float | None = None, options: ScoringOptions | None = None) -> Tally:
     """Count hits and loss with each candidate channel of the cut zeroed, `chunk` at a time.
 
     Images are processed in chunks so that one pass of `chunk` candidates needs about
-    `max_bytes`. `mode`: see the module docstring. `rtol` (fast mode) sets the guard's
-    tolerance relative to max |logit|; None: `default_rtol(dtype)`, raised if needed to
-    _SAFETY x the fast path's error measured on a probe of one image; 0: recheck exact ties
-    only. `per_class` also counts hits by target class.
+    `max_bytes`; both default to `options` (else the cut's), as does the fast passes'
+    precision. `mode`: see the module docstring. `rtol` (fast mode) sets the guard's
+    tolerance relative to max |logit|; None: from the passes' precision and the fast path's
+    error measured on a probe (`_Engine.tolerance`); 0: recheck exact ties only.
+    `per_class` also counts hits by target class. metric="loss" tallies always run in
+    float32 (reduced precision keeps hit counts exact, not losses).
     """
     check_metric(metric)
     check_mode(mode)
+    opts = options if options is not None else cut.options
+    opts = replace(opts, chunk=opts.chunk if chunk is None else chunk,
+                   max_bytes=opts.max_bytes if max_bytes is None else max_bytes)
+    if opts.precision != "float32":
+        param = next(cut.net.parameters(), None)
+        opts.check(cut.device, param.dtype if param is not None else torch.float32)
+        if metric == "loss":  # reduced precision keeps hit counts exact, not losses
+            opts = replace(opts, precision="float32")
     if cut.memo is not None:
-        key = TallyMemo.key(cut, tuple(candidates), topk_of(metric), chunk, mode, per_class,
-                            max_bytes, rtol)
+        key = TallyMemo.key(cut, tuple(candidates), topk_of(metric), opts.chunk, mode,
+                            per_class, opts.max_bytes, rtol, opts.precision)
         return cut.memo.get(key) or cut.memo.put(key, _tally(
-            cut, candidates, metric, chunk, mode, per_class, max_bytes, rtol))
-    return _tally(cut, candidates, metric, chunk, mode, per_class, max_bytes, rtol)
+            cut, candidates, metric, mode, per_class, rtol, opts))
+    return _tally(cut, candidates, metric, mode, per_class, rtol, opts)
 
 
-def _tally(cut: LayerData, candidates: list[int], metric: str, chunk: int, mode: str,
-           per_class: bool, max_bytes: int, rtol: float | None) -> Tally:
+def _tally(cut: LayerData, candidates: list[int], metric: str, mode: str, per_class: bool,
+           rtol: float | None, opts: ScoringOptions) -> Tally:
     if mode == "naive":
         return naive_tally(cut.net, cut.layer, cut.data, candidates, metric, per_class=per_class)
     counts = _Counts(candidates, topk_of(metric), per_class)
-    for (h, *extras), y in cut:
-        engine = cut.engine(h) if mode == "fast" else None
-        m, b = cut.pass_shape(h, extras, chunk, max_bytes)
-        for i in range(0, len(y), b):
-            _tally_images(cut, engine, h[i:i + b], [e[i:i + b] for e in extras], y[i:i + b],
-                          list(candidates), m, counts, rtol)
+    precision = opts.precision if mode == "fast" else "float32"
+    with _math("float32", cut.device):
+        for (h, *extras), y in cut:
+            engine = cut.engine(h) if mode == "fast" else None
+            m, b = cut.pass_shape(h, extras, opts.chunk, opts.max_bytes)
+            for i in range(0, len(y), b):
+                _tally_images(cut, engine, h[i:i + b], [e[i:i + b] for e in extras],
+                              y[i:i + b], list(candidates), m, counts, rtol, precision)
     return counts.tally()
 
 
@@ -534,14 +726,14 @@ def measure(cut: LayerData, metric: str = "top1") -> tuple[float, float]:
     for (h, *rest), y in cut:
         out = cut.suffix(h, *rest)
         n += len(y)
-        c += int(hits(out, y, k).sum())
-        loss += float(losses(out, y).sum())
-    return c / n, loss / n
+        c += hits(out, y, k).sum()
+        loss += losses(out, y).sum()
+    return int(c) / n, float(loss) / n
 
 
 def car_scores(model: nn.Module, layer: str, data: Iterable, metric: str = "top1", *,
-               removed: dict[str, list[int]] | None = None,
-               per_class: bool = False) -> torch.Tensor:
+               removed: dict[str, list[int]] | None = None, per_class: bool = False,
+               options: ScoringOptions | None = None) -> torch.Tensor:
     """CAR importance of every filter of conv `layer` on `data` ((inputs, targets) batches).
 
     Value = accuracy (a fraction; top-1 or top-5 per `metric`) of the network minus its
@@ -551,6 +743,7 @@ def car_scores(model: nn.Module, layer: str, data: Iterable, metric: str = "top1
 
     `per_class=True` returns a (filters, classes) matrix instead: per class, the accuracy on
     that class's scoring images minus it with the filter removed (NaN for absent classes).
+    `options`: how the tally runs (`ScoringOptions`); the prefix outputs are not cached.
     """
     check_metric(metric)
     if per_class and metric == "loss":
@@ -560,7 +753,8 @@ def car_scores(model: nn.Module, layer: str, data: Iterable, metric: str = "top1
         for name, idx in (removed or {}).items():
             net.remove(name, idx)
         kept = net.kept(layer)
-        t = tally(LayerData(net, layer, data, cache=False), kept, metric, per_class=per_class)
+        cut = LayerData(net, layer, data, cache=False, options=options)
+        t = tally(cut, kept, metric, per_class=per_class)
     n_filters = net.unit(layer).num_filters
     if per_class:
         k = t.base_correct_per_class.numel()

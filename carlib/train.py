@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from carlib.errors import CarlibError
+from carlib.evaluate import model_device
 
 SCHEDULES = ("onecycle", "cosine", "none")
 
@@ -31,7 +32,8 @@ def fit(model: nn.Module, loader: Iterable, epochs: int, lr: float = 2e-3,
         schedule: str = "onecycle") -> nn.Module:
     """Train `model` in place on `loader` for `epochs`; the lr follows `schedule` per step.
 
-    Only parameters with `requires_grad` are updated. `schedule`: `onecycle` (default: 15%
+    Batches are moved to the model's device (a no-op where they already are). Only
+    parameters with `requires_grad` are updated. `schedule`: `onecycle` (default: 15%
     warm-up to `lr`, then cosine decay), `cosine` (decay from `lr` to 0) or `none` (constant).
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -43,11 +45,13 @@ def fit(model: nn.Module, loader: Iterable, epochs: int, lr: float = 2e-3,
         raise CarlibError(f"unknown optimizer '{optimizer}'; valid: adamw, sgd")
     total = epochs * len(loader)
     sched = _scheduler(opt, schedule, lr, max(total, 1))
+    dev = model_device(model)
     model.train()
     bar = tqdm(total=total, desc="train", leave=False,
                disable=None if progress else True)  # None: only on a terminal
     for _ in range(epochs):
         for x, y in loader:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

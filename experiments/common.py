@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -16,11 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from carlib.criteria import get_criterion
 from carlib.data import (
     DataBundle,
+    in_memory,
     load_dataset,
     make_loader,
     save_indices,
@@ -28,10 +30,12 @@ from carlib.data import (
     take,
     targets,
 )
+from carlib.decoded import Images, decode
 from carlib.errors import CarlibError
 from carlib.evaluate import METRICS, evaluate
 from carlib.models import build_model, load_checkpoint, save_checkpoint
-from carlib.scoring import MODES
+from carlib.precision import float32_exact
+from carlib.scoring import MODES, ScoringOptions
 from carlib.stats import METHODS
 from carlib.train import fit
 
@@ -74,27 +78,6 @@ def device(cfg: DictConfig) -> torch.device:
     return torch.device(name)
 
 
-class OnDevice:
-    """The (inputs, targets) batches of `loader`, moved to `dev` as they are read."""
-
-    def __init__(self, loader: DataLoader, dev: torch.device) -> None:
-        self.loader, self.device = loader, dev
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:
-            yield x.to(self.device), y.to(self.device)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-
-def _no_tf32() -> None:
-    """float32 on CUDA. Module level on purpose: the joblib/submitit launchers pickle guard's
-    wrapper, and cloudpickle cannot pickle the torch.backends.cudnn module object."""
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-
-
 def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
     """Entry wrapper of every script: check the config's numbers and choices (`check_config`);
     set torch's thread count (`threads`, null: torch's default); check `device` and on CUDA
@@ -108,9 +91,9 @@ def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
             check_config(cfg)
             if cfg.get("threads"):
                 torch.set_num_threads(int(cfg.threads))
-            if device(cfg).type == "cuda":
-                _no_tf32()
-            fn(cfg)
+            device(cfg)  # a one-line error for a device torch does not see, before any work
+            with float32_exact():  # no TF32 on CUDA: counts as on the CPU
+                fn(cfg)
         except (CarlibError, OmegaConfBaseException) as e:
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
             out = output_dir()
@@ -165,6 +148,8 @@ def check_config(cfg: DictConfig) -> None:
            required=False)
     if "data" in cfg:
         _whole(cfg, "data.batch_size", 1, "data.batch_size=N (images per evaluation batch)")
+        _whole(cfg, "data.num_workers", 0, "data.num_workers=N (0: read in the main process) or "
+               "null (the core count)", required=False)
     if "train" in cfg:
         _whole(cfg, "train.epochs", 0, "train.epochs=N (0: no training)")
         _whole(cfg, "train.batch_size", 1, "train.batch_size=N (images per training step)")
@@ -188,6 +173,15 @@ def check_config(cfg: DictConfig) -> None:
     _whole(cfg, "method.min_per_layer", 1, "method.min_per_layer=N", required=False)
     _whole(cfg, "method.scoring.size", 1, "method.scoring.size=N (images in the scoring "
            "subset)")
+    every = m.get("log_every", 30)
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or every < 0:
+        raise CarlibError(f"method.log_every={every} is not a number of seconds >= 0; e.g. "
+                          "method.log_every=60 (0: a progress line every step)")
+    dev = device(cfg)
+    try:
+        scoring_options(cfg).check(dev, torch.float32)
+    except CarlibError as e:
+        raise CarlibError(f"method.scoring: {e}") from None
     kf = m.get("keep_fraction")
     if kf is not None and (isinstance(kf, bool) or not isinstance(kf, (int, float))
                            or not 0 < kf <= 1):
@@ -237,23 +231,25 @@ def checkpoint_path(cfg: DictConfig, bundle: DataBundle) -> Path:
     if cfg.model.checkpoint:
         return Path(cfg.model.checkpoint)
     key = {"model": model_config(cfg, bundle), "train": OmegaConf.to_container(cfg.train),
-           "data": {k: v for k, v in OmegaConf.to_container(cfg.data).items()
-                    if k != "batch_size"}, "seed": cfg.seed}
+           "data": data_key(cfg, resolve=False), "seed": cfg.seed}
+    if device(cfg).type != "cpu":  # trained there: other float order, another checkpoint
+        key["device"] = device(cfg).type
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     name = f"{cfg.model.name}-{cfg.data.name}-{digest}.pt"
     return Path(cfg.paths.cache_dir) / "checkpoints" / name
 
 
 def train_model(cfg: DictConfig, bundle: DataBundle, path: Path) -> torch.nn.Module:
-    """Train from scratch with `cfg.train` and save the checkpoint with its config."""
+    """Train from scratch with `cfg.train` on the run's device and save the checkpoint with its
+    config (the seeded initialization is drawn on the CPU, the same on every device)."""
     torch.manual_seed(cfg.seed)
-    model = build_model(**model_config(cfg, bundle))
+    model = build_model(**model_config(cfg, bundle)).to(device(cfg))
     t = cfg.train
     start = time.perf_counter()
-    fit(model, make_loader(bundle.train, t.batch_size, shuffle=True, seed=cfg.seed), t.epochs,
+    fit(model, loader(cfg, bundle.train, t.batch_size, shuffle=True), t.epochs,
         lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, progress=cfg.progress)
     seconds = time.perf_counter() - start
-    acc = evaluate(model, make_loader(bundle.test, cfg.data.batch_size))
+    acc = evaluate(model, images(cfg, bundle.test, "held-out"))  # decoded once, for all runs
     print(f"trained {cfg.model.name} on {cfg.data.name} in {seconds:.0f} s: held-out top-1 "
           f"{acc['top1']:.4f}; saved {path}")
     save_checkpoint(path, model, model_config(cfg, bundle),
@@ -265,7 +261,7 @@ def train_model(cfg: DictConfig, bundle: DataBundle, path: Path) -> torch.nn.Mod
 def get_model(cfg: DictConfig, bundle: DataBundle,
               check: Callable[[torch.nn.Module], object] = lambda m: None) -> torch.nn.Module:
     """Pretrained weights, an explicit checkpoint, or the cached/trained model of this config,
-    on the run's `device` (trained, if it has to be, on the CPU).
+    on the run's `device` (trained there, if it has to be).
 
     `check` runs on the (untrained) model before any training, to fail fast on bad input.
     """
@@ -300,19 +296,91 @@ def scoring_split(cfg: DictConfig) -> str:
 
 
 def scoring_and_heldout(cfg: DictConfig, bundle: DataBundle, out: Path
-                        ) -> tuple[Iterable, Iterable]:
-    """Loaders of the fixed scoring subset (of the `method.scoring.split` part of the training
-    data; its indices into the loaded training data saved in `out`) and of the held-out test
-    split, their batches on the run's `device`."""
+                        ) -> tuple[Images, Images]:
+    """The fixed scoring subset (of the `method.scoring.split` part of the training data; its
+    indices into the loaded training data saved in `out`) and the held-out test split, each
+    decoded once (`images`), their batches on the run's `device`."""
     s = cfg.method.scoring
     part, positions = bundle.split(scoring_split(cfg))
     idx = scoring_subset(targets(part), s.size, s.seed)
     save_indices(out / "scoring_indices.txt", idx if positions is None else positions[idx])
-    bs, dev = cfg.data.batch_size, device(cfg)
-    loaders = (make_loader(take(part, idx), bs), make_loader(bundle.test, bs))
-    if dev.type == "cpu":
-        return loaders
-    return OnDevice(loaders[0], dev), OnDevice(loaders[1], dev)
+    return images(cfg, take(part, idx), "scoring"), images(cfg, bundle.test, "held-out")
+
+
+def images(cfg: DictConfig, dataset: Dataset, what: str) -> Images:
+    """`dataset` decoded once (`carlib.decoded`), batches of `data.batch_size` on the run's
+    device. Images read from disk (ImageNet) are decoded by `data.num_workers` workers into a
+    uint8 memory map in <paths.cache_dir>/decoded/ (`data.decode_cache`; false: in memory),
+    which later runs and scripts on the same images reuse."""
+    path = key = None
+    if not in_memory(dataset) and cfg.data.get("decode_cache", True):
+        key = {"data": data_key(cfg), "files": _files(dataset), "what": what}
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        path = Path(cfg.paths.cache_dir) / "decoded" / f"{cfg.data.name}-{digest}.npy"
+    x, y, finish = decode(dataset, cfg.data.batch_size, workers(cfg), path=path, key=key,
+                          progress=cfg.progress, desc=f"decoding the {what} images")
+    return Images(x, y, cfg.data.batch_size, device(cfg), finish)
+
+
+def _files(dataset: Dataset) -> str:
+    """A digest of the files behind `dataset` (an ImageFolder or Subsets of one): path, size
+    and modification time of each, in order."""
+    idx: list[int] | None = None
+    while isinstance(dataset, Subset):
+        idx = [dataset.indices[i] for i in idx] if idx is not None else list(dataset.indices)
+        dataset = dataset.dataset
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        raise CarlibError(f"cannot name the files of a {type(dataset).__name__} to cache its "
+                          "decoded images; set data.decode_cache=false")
+    h = hashlib.sha1()
+    for i in range(len(samples)) if idx is None else idx:
+        path = samples[i][0]
+        st = Path(path).stat()
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{samples[i][1]}\n".encode())
+    return h.hexdigest()
+
+
+def workers(cfg: DictConfig) -> int:
+    """`data.num_workers`: DataLoader worker processes for images read from disk (null: the
+    core count)."""
+    n = cfg.data.get("num_workers")
+    return len(os.sched_getaffinity(0)) if n is None else int(n)
+
+
+def loader(cfg: DictConfig, dataset: Dataset, batch_size: int, shuffle: bool = False
+           ) -> DataLoader:
+    """A loader of `dataset` with the run's workers, pinned batches on CUDA (training and
+    retraining read the whole training split, so it is not decoded into a cache)."""
+    return make_loader(dataset, batch_size, shuffle=shuffle, seed=cfg.seed,
+                       num_workers=workers(cfg), pin_memory=device(cfg).type == "cuda")
+
+
+def data_key(cfg: DictConfig, resolve: bool = True) -> dict:
+    """The data config as far as it shapes the images (not batch size, workers, caching)."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=resolve).items()
+            if k not in ("batch_size", "num_workers", "decode_cache")}
+
+
+def scoring_options(cfg: DictConfig) -> ScoringOptions:
+    """The engine's options (`carlib.scoring.ScoringOptions`) from `method.scoring`: the
+    device's defaults where a key is null."""
+    s = cfg.method.scoring
+
+    def size(key: str, unit: int) -> int | None:
+        v = s.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise CarlibError(f"method.scoring.{key}={v} is not a size >= 0; e.g. "
+                              f"method.scoring.{key}=4 (or null for the device's default)")
+        return int(v * unit)
+
+    changes = {"max_bytes": size("pass_mib", 2**20), "chunk": s.get("chunk"),
+               "placement": s.get("placement"), "cache_budget_bytes": size("cache_gib", 2**30),
+               "host_budget_bytes": size("host_gib", 2**30), "precision": s.get("precision")}
+    return ScoringOptions.for_device(device(cfg), **{k: v for k, v in changes.items()
+                                                     if v is not None})
 
 
 def start_wandb(cfg: DictConfig, out: Path, job_type: str):

@@ -3,8 +3,8 @@
 Reads the removed filters from a curves.csv of experiments/prune.py (`source.curves`,
 `source.criterion`, `source.layer`) or from `source.removed`, builds the smaller network with
 torch-pruning (carlib.physical), and writes to the run folder: pruned.pt (`load_pruned` rebuilds
-it) and cost.csv (original vs pruned: params, FLOPs, CPU latency at batch 1 and
-`cost.batch_size`, held-out top-1). Then, each stage off-able:
+it) and cost.csv (original vs pruned: params, FLOPs, latency on the run's `device` at batch 1
+and `cost.batch_size`, held-out top-1). Then, each stage off-able:
 
 - retrain the pruned network on the training split (`retrain`, epochs=0: off);
 - compress `layer_compression.layer` as in Deep Compression (carlib.compression): magnitude
@@ -29,7 +29,16 @@ from contextlib import contextmanager
 import hydra
 import pandas as pd
 import torch
-from common import get_model, guard, load_data, model_config, output_dir, start_wandb
+from common import (
+    get_model,
+    guard,
+    images,
+    load_data,
+    loader,
+    model_config,
+    output_dir,
+    start_wandb,
+)
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -42,9 +51,9 @@ from carlib.compression import (
     share_weights,
 )
 from carlib.cost import cost_report
-from carlib.data import DataBundle, make_loader
+from carlib.data import DataBundle
 from carlib.errors import CarlibError
-from carlib.evaluate import evaluate
+from carlib.evaluate import evaluate, model_device
 from carlib.physical import (
     prune_coupled,
     prune_physically,
@@ -123,19 +132,20 @@ def only_layer(model: nn.Module, layer: str | None) -> Iterator[None]:
 
 def retrain(cfg: DictConfig, model: nn.Module, bundle: DataBundle, epochs: int,
             layer: str | None = None) -> dict[str, float]:
-    """Fine-tune `model` in place with `cfg.retrain` for `epochs` (only `layer`, if given).
+    """Fine-tune `model` in place with `cfg.retrain` for `epochs` (only `layer`, if given), on
+    the model's device.
 
     Returns the budget: retrain_epochs, retrain_steps, retrain_seconds.
     """
     rt = cfg.retrain
-    loader = make_loader(bundle.train, rt.batch_size, shuffle=True, seed=cfg.seed)
+    batches = loader(cfg, bundle.train, rt.batch_size, shuffle=True)  # fit moves them
     start = time.perf_counter()
     if epochs > 0:
         torch.manual_seed(cfg.seed)
         with only_layer(model, layer):
-            fit(model, loader, epochs, lr=rt.lr, weight_decay=rt.weight_decay,
+            fit(model, batches, epochs, lr=rt.lr, weight_decay=rt.weight_decay,
                 optimizer=rt.optimizer, progress=cfg.progress, schedule=rt.schedule)
-    return {"retrain_epochs": epochs, "retrain_steps": epochs * len(loader),
+    return {"retrain_epochs": epochs, "retrain_steps": epochs * len(batches),
             "retrain_seconds": time.perf_counter() - start if epochs > 0 else 0.0}
 
 
@@ -177,19 +187,19 @@ def main(cfg: DictConfig) -> None:
     bundle = load_data(cfg)
     shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
     prune = prune_coupled if cfg.source.coupled else prune_physically
-    example = torch.zeros(1, *shape)
 
-    def check(m: nn.Module) -> None:
-        prune(m, removed, example)
+    def check(m: nn.Module) -> None:  # the untrained model, on the CPU
+        prune(m, removed, torch.zeros(1, *shape, device=model_device(m)))
         compressed_layer(cfg, m, removed)
 
     model = get_model(cfg, bundle, check=check)
+    dev = model_device(model)
     layer = compressed_layer(cfg, model, removed)
-    pruned = prune(model, removed, example)
+    pruned = prune(model, removed, torch.zeros(1, *shape, device=dev))
     save_pruned(out / "pruned.pt", model_config(cfg, bundle), removed, pruned.state_dict(), shape)
     variants = {"original": model, "pruned": pruned}
     df = cost_report(variants, shape, cfg.model.name, **cfg.cost)
-    heldout = make_loader(bundle.test, cfg.data.batch_size)
+    heldout = images(cfg, bundle.test, "held-out")  # decoded once, on the run's device
     df["heldout_top1"] = [evaluate(variants[v], heldout)["top1"] for v in df.variant]
     write_csv(df, out / "cost.csv")
 

@@ -18,7 +18,15 @@ from pathlib import Path
 import hydra
 import pandas as pd
 import torch
-from common import get_model, guard, load_data, output_dir, scoring_and_heldout, start_wandb
+from common import (
+    get_model,
+    guard,
+    load_data,
+    output_dir,
+    scoring_and_heldout,
+    scoring_options,
+    start_wandb,
+)
 from omegaconf import DictConfig
 
 from carlib import MaskedNet, car_scores, greedy_prune
@@ -64,7 +72,9 @@ def removal_orders(cfg: DictConfig, model, scoring, heldout, layers: dict[str, i
         for crit in cfg.method.criteria:
             frames.append(greedy_prune(model, layer, scoring, n_keep, crit,
                                        metric=cfg.method.metric, eval_data=heldout,
-                                       seed=cfg.seed, progress=cfg.progress).to_frame())
+                                       seed=cfg.seed, progress=cfg.progress,
+                                       log_every=cfg.method.log_every,
+                                       options=scoring_options(cfg)).to_frame())
     return pd.concat(frames, ignore_index=True)
 
 

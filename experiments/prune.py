@@ -28,8 +28,17 @@ from pathlib import Path
 
 import hydra
 import pandas as pd
-from common import get_model, guard, load_data, output_dir, scoring_and_heldout, start_wandb
-from omegaconf import DictConfig, OmegaConf
+from common import (
+    data_key,
+    get_model,
+    guard,
+    load_data,
+    output_dir,
+    scoring_and_heldout,
+    scoring_options,
+    start_wandb,
+)
+from omegaconf import DictConfig
 from torch import nn
 
 from carlib import MaskedNet, car_scores
@@ -90,7 +99,7 @@ def run_state(cfg: DictConfig, model: nn.Module, out: Path) -> RunState | None:
     return RunState(where, model=fingerprint(model),
                     scoring=load_indices(out / "scoring_indices.txt").tolist(),
                     split=cfg.method.scoring.split,
-                    data=OmegaConf.to_container(cfg.data, resolve=True))
+                    data=data_key(cfg))
 
 
 def regime_frame(cfg: DictConfig, traces: list[Trace]) -> pd.DataFrame:
@@ -171,11 +180,13 @@ def main(cfg: DictConfig) -> None:
     run = start_wandb(cfg, out, "prune")
     frames, traces = [], []
     memo = TallyMemo()  # runs that reach the same pruned network count it once
+    options = scoring_options(cfg)
     for label, job in jobs(cfg, model, scoring):
         start = time.perf_counter()
         trace = job(metric=cfg.method.metric, eval_data=heldout, seed=cfg.seed, k=cfg.method.k,
-                    interval=cfg.method.interval, progress=cfg.progress, state=state,
-                    mode=cfg.method.scoring.mode, memo=memo)
+                    interval=cfg.method.interval, progress=cfg.progress,
+                    log_every=cfg.method.log_every, state=state,
+                    mode=cfg.method.scoring.mode, memo=memo, options=options)
         traces.append(trace)
         df = trace.to_frame()
         df.insert(0, "model", cfg.model.name)

@@ -15,14 +15,7 @@ from carlib.evaluate import hits
 from carlib.models import build_model
 from carlib.scoring import LayerData, naive_tally, tally
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP barrier stalls when the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class TinyResNet(nn.Module):
