@@ -4,6 +4,7 @@
 # results/<study>/<run>/, aggregates each study over its seeds and redraws every figure.
 #
 # Usage: scripts/run_studies.sh [study ...]     (default: all, in this order)
+#        CHECK=1 scripts/run_studies.sh [study ...]   only check that every job's config composes
 #   main       alexnet_small on shapes_hard, all nine criteria, seeds 0-4     (~40 min)
 #   interpret  color/shape counts (weight and response color index), galleries,
 #              class importance, diversity of the main runs                   (~5 min)
@@ -27,12 +28,18 @@ ALL="main interpret control fashion lenet resnet compress saturated"
 
 run() {  # run <dir> <script> [overrides...]: skipped once done; resumes when interrupted
   local dir=$1; shift
+  if [ -n "${CHECK:-}" ]; then  # CHECK=1: only compose each job's config (seconds, no run)
+    echo "config ok: $*"
+    "$P" "$@" $C hydra.run.dir="$S/$dir" --cfg job > /dev/null
+    return
+  fi
   [ -f "$S/$dir/.done" ] && return
   "$P" "$@" $C hydra.run.dir="$S/$dir" && touch "$S/$dir/.done"
 }
 
 collect() {  # collect <study>: copy its runs' CSVs to results/, aggregate, redraw figures
   local study=$1
+  [ -n "${CHECK:-}" ] && return
   for d in "$S/$study"/*/; do
     rel=${d#"$S"/}; mkdir -p "results/$rel"
     cp "$d"/*.csv "results/$rel" 2>/dev/null || true
