@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from ranks import place, slurm_tasks
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from carlib.criteria import get_criterion
@@ -80,10 +81,11 @@ def device(cfg: DictConfig) -> torch.device:
 
 def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
     """Entry wrapper of every script: check the config's numbers and choices (`check_config`);
-    set torch's thread count (`threads`, null: torch's default); check `device` and on CUDA
+    set torch's thread count (`threads`, null: torch's default); give each process (torchrun,
+    SLURM tasks) or sweep job its own GPU (`place`); check `device` and on CUDA
     switch TF32 off (float32 as on the CPU: CAR counts and the scoring engine's guard assume
     float32 precision); turn bad input into one line on stderr and exit code 2; drop a run
-    folder left empty."""
+    folder left empty (one process only: under several, others' saved states may be there)."""
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig) -> None:
@@ -91,13 +93,17 @@ def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
             check_config(cfg)
             if cfg.get("threads"):
                 torch.set_num_threads(int(cfg.threads))
+            slurm_tasks()
+            place(cfg)  # one GPU per process or sweep job
             device(cfg)  # a one-line error for a device torch does not see, before any work
             with float32_exact():  # no TF32 on CUDA: counts as on the CPU
                 fn(cfg)
         except (CarlibError, OmegaConfBaseException) as e:
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
             out = output_dir()
-            if out.is_dir() and not any(p.suffix in (".csv", ".png") for p in out.rglob("*")):
+            alone = int(os.environ.get("WORLD_SIZE", "1")) == 1  # ranks: saved states stay
+            if alone and out.is_dir() and not any(p.suffix in (".csv", ".png")
+                                                  for p in out.rglob("*")):
                 shutil.rmtree(out, ignore_errors=True)
             sys.exit(2)
 
@@ -295,15 +301,17 @@ def scoring_split(cfg: DictConfig) -> str:
     return split
 
 
-def scoring_and_heldout(cfg: DictConfig, bundle: DataBundle, out: Path
+def scoring_and_heldout(cfg: DictConfig, bundle: DataBundle, out: Path, write: bool = True
                         ) -> tuple[Images, Images]:
     """The fixed scoring subset (of the `method.scoring.split` part of the training data; its
-    indices into the loaded training data saved in `out`) and the held-out test split, each
-    decoded once (`images`), their batches on the run's `device`."""
+    indices into the loaded training data saved in `out` unless not `write`: ranks > 0) and
+    the held-out test split, each decoded once (`images`), their batches on the run's
+    `device`."""
     s = cfg.method.scoring
     part, positions = bundle.split(scoring_split(cfg))
     idx = scoring_subset(targets(part), s.size, s.seed)
-    save_indices(out / "scoring_indices.txt", idx if positions is None else positions[idx])
+    if write:
+        save_indices(out / "scoring_indices.txt", idx if positions is None else positions[idx])
     return images(cfg, take(part, idx), "scoring"), images(cfg, bundle.test, "held-out")
 
 

@@ -13,6 +13,8 @@ diversity.csv (coverage and clusters covered by the kept filters at each step), 
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -177,4 +179,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # before Hydra makes a folder per rank
+        print("error: interpret.py runs in one process; start it without torchrun (its greedy "
+              "runs are short, and interpret.source=<prune run> reuses them)", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -17,6 +17,15 @@ to W&B.
     python experiments/prune.py                       # default: small AlexNet, generated shapes
     python experiments/prune.py method.criteria=[car] method.layers=[conv2]
     python experiments/prune.py method=global experiment=all_criteria
+    python -m torch.distributed.run --standalone --nproc_per_node=4 experiments/prune.py
+
+Several processes (torchrun, or SLURM tasks of the submitit launcher): the greedy runs are
+divided over the ranks (`owners`: longest first by estimated cost; car and car_random_tie of
+one unit on one rank, as they share tallies), each computed exactly as in one process, on the
+rank's own GPU (cuda:LOCAL_RANK) or on the CPU (gloo); so are the per-class CAR layers. Rank 0
+gathers the traces and alone writes every shared output and logs to W&B; each rank saves the
+state of its own runs (distinct files), so a rerun resumes them with any number of processes.
+The outputs are byte-identical to one process's with the same `threads`.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from pathlib import Path
 import hydra
 import pandas as pd
 from common import (
+    checkpoint_path,
     data_key,
     get_model,
     guard,
@@ -39,6 +49,7 @@ from common import (
     start_wandb,
 )
 from omegaconf import DictConfig
+from ranks import join_before_hydra, owners, rank0_first, resume_hint, stop_message
 from torch import nn
 
 from carlib import MaskedNet, car_scores
@@ -46,7 +57,8 @@ from carlib.agreement import layer_scores, rank_agreement, scores_from_traces
 from carlib.checkpointing import RunState, fingerprint
 from carlib.classes import per_class_frame
 from carlib.criteria import CAR_FAMILY, CRITERIA
-from carlib.data import load_indices
+from carlib.data import in_memory, load_indices
+from carlib.distributed import PeerFailed, barrier, broadcast, gather, join, leave
 from carlib.errors import CarlibError
 from carlib.evaluate import image_hits
 from carlib.greedy import Trace, global_prune, greedy_prune
@@ -89,6 +101,27 @@ def jobs(cfg: DictConfig, model: nn.Module, scoring: object
             min_per_layer=m.min_per_layer)) for c in m.criteria]
     return [(f"{layer} {c}", functools.partial(greedy_prune, model, layer, scoring, n_keep, c))
             for layer, n_keep in plan(cfg, model) for c in m.criteria]
+
+
+def units(cfg: DictConfig, model: nn.Module) -> list[tuple[list[str], int, str]]:
+    """(layers, filters removed, criterion) of each greedy run, in the order of `jobs`."""
+    m = cfg.method
+    net = MaskedNet(model)
+    if m.schedule == "global":
+        layers = list(dict.fromkeys(m.layers))
+        total = sum(net.unit(name).num_filters for name in layers)
+        n = m.n_remove if m.n_remove is not None else total - round(m.keep_fraction * total)
+        return [(layers, n, c) for c in m.criteria]
+    return [([layer], net.unit(layer).num_filters - keep, c)
+            for layer, keep in plan(cfg, model) for c in m.criteria]
+
+
+def must_train(cfg: DictConfig, bundle: object) -> bool:
+    """Whether `get_model` would train (no weights, checkpoint or cached model)."""
+    m = cfg.model
+    if m.get("weights") or m.get("weights_path") or m.get("checkpoint"):
+        return False
+    return not checkpoint_path(cfg, bundle).is_file()
 
 
 def run_state(cfg: DictConfig, model: nn.Module, out: Path) -> RunState | None:
@@ -159,48 +192,111 @@ def agreement(cfg: DictConfig, model: nn.Module, scoring: object, traces: list[T
 
 
 def per_class(cfg: DictConfig, model: nn.Module, scoring: object, classes: list[str],
-              out: Path) -> pd.DataFrame:
-    """per_class_car.csv: per-class CAR of every filter of each listed layer (full network)."""
-    df = pd.concat([per_class_frame(car_scores(model, layer, scoring, per_class=True), classes,
-                                    layer) for layer in cfg.method.layers], ignore_index=True)
+              out: Path, known: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """per_class_car.csv: per-class CAR of every filter of each listed layer (full network);
+    layers in `known` (computed by other ranks, `per_class_layer`) are not scored again."""
+    known = known or {}
+    df = pd.concat([known[layer] if layer in known else
+                    per_class_layer(model, layer, scoring, classes)
+                    for layer in cfg.method.layers], ignore_index=True)
     df.insert(0, "model", cfg.model.name)
     df.insert(1, "dataset", cfg.data.name)
     write_csv(df, out / "per_class_car.csv")
     return df
 
 
+def per_class_layer(model: nn.Module, layer: str, scoring: object, classes: list[str]
+                    ) -> pd.DataFrame:
+    """One layer's rows of per_class_car.csv (without the model and dataset columns)."""
+    return per_class_frame(car_scores(model, layer, scoring, per_class=True), classes, layer)
+
+
+def report(label: str, df: pd.DataFrame, trace: Trace, seconds: float, who: str = "") -> None:
+    """One line per finished greedy run."""
+    last = df.iloc[-1]
+    resumed = f", resumed at step {trace.resumed_at}" if trace.resumed_at else ""
+    r = trace.regime()
+    print(f"{who}{label:>22}: {last.filters_remaining:>3} filters left, held-out top-1 "
+          f"{df.heldout_top1.iat[0]:.4f} -> {last.heldout_top1:.4f}; score decided "
+          f"{r['removals'] - r['tied']}/{r['removals']} removals "
+          f"({seconds:.1f} s{resumed})", flush=True)
+
+
+def frame(cfg: DictConfig, trace: Trace) -> pd.DataFrame:
+    """A run's rows of curves.csv."""
+    df = trace.to_frame()
+    df.insert(0, "model", cfg.model.name)
+    df.insert(1, "dataset", cfg.data.name)
+    return df
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="prune")
 @guard
 def main(cfg: DictConfig) -> None:
+    try:
+        prune(cfg)
+    except PeerFailed as e:
+        raise CarlibError(f"{e}; {resume_hint(output_dir())}") from None
+
+
+def prune(cfg: DictConfig) -> None:
+    """The job (see the module docstring)."""
+    rank, world = join()  # torchrun: joined before Hydra started; SLURM tasks: here
     out = output_dir()
-    bundle = load_data(cfg)
-    model = get_model(cfg, bundle, check=lambda m: plan(cfg, m))
-    scoring, heldout = scoring_and_heldout(cfg, bundle, out)
+    if world > 1:
+        stop_message(out)
+        if rank == 0:
+            print(f"{world} processes: greedy runs divided over them; results in {out}",
+                  flush=True)
+    bundle = rank0_first(bool(cfg.data.get("download")), lambda: load_data(cfg))
+    model = rank0_first(bool(broadcast(must_train(cfg, bundle))),
+                        lambda: get_model(cfg, bundle, check=lambda m: plan(cfg, m)))
+    scoring, heldout = rank0_first(not in_memory(bundle.test), lambda: scoring_and_heldout(
+        cfg, bundle, out, write=rank == 0))
+    barrier()  # scoring_indices.txt is written: the runs' state key reads it
     state = run_state(cfg, model, out)
-    run = start_wandb(cfg, out, "prune")
+    run = start_wandb(cfg, out, "prune") if rank == 0 else None
     frames, traces = [], []
     memo = TallyMemo()  # runs that reach the same pruned network count it once
     options = scoring_options(cfg)
-    for label, job in jobs(cfg, model, scoring):
+    todo = jobs(cfg, model, scoring)
+    per_class_layers = list(cfg.method.layers) if cfg.method.per_class else []
+    owner, class_owner = (owners(units(cfg, model), per_class_layers, cfg.method.k, model,
+                                 scoring, heldout, world) if world > 1
+                          else ([0] * len(todo), []))
+    mine: dict[int, Trace] = {}
+    for i, (label, job) in enumerate(todo):
+        if owner[i] != rank:
+            continue
         start = time.perf_counter()
         trace = job(metric=cfg.method.metric, eval_data=heldout, seed=cfg.seed, k=cfg.method.k,
                     interval=cfg.method.interval, progress=cfg.progress,
                     log_every=cfg.method.log_every, state=state,
                     mode=cfg.method.scoring.mode, memo=memo, options=options)
-        traces.append(trace)
-        df = trace.to_frame()
-        df.insert(0, "model", cfg.model.name)
-        df.insert(1, "dataset", cfg.data.name)
-        frames.append(df)
+        df = frame(cfg, trace)
+        if world == 1:  # curves.csv grows run by run
+            traces.append(trace)
+            frames.append(df)
+            write_csv(pd.concat(frames, ignore_index=True), out / "curves.csv")
+            log_run(run, df, label.replace(" ", "/"))
+        mine[i] = trace
+        report(label, df, trace, time.perf_counter() - start,
+               f"[rank {rank}] " if world > 1 else "")
+    classes: dict[str, pd.DataFrame] = {}
+    if world > 1:
+        classes = {layer: per_class_layer(model, layer, scoring, bundle.classes)
+                   for layer, r in zip(cfg.method.layers, class_owner) if r == rank}
+        got = gather((mine, classes))
+        if rank != 0:
+            leave()
+            return
+        done = {i: t for ranked, _ in got for i, t in ranked.items()}
+        classes = {layer: df for _, ranked in got for layer, df in ranked.items()}
+        for i, (label, _) in enumerate(todo):
+            traces.append(done[i])
+            frames.append(frame(cfg, done[i]))
+            log_run(run, frames[-1], label.replace(" ", "/"))
         write_csv(pd.concat(frames, ignore_index=True), out / "curves.csv")
-        log_run(run, df, label.replace(" ", "/"))
-        last = df.iloc[-1]
-        resumed = f", resumed at step {trace.resumed_at}" if trace.resumed_at else ""
-        r = trace.regime()
-        print(f"{label:>22}: {last.filters_remaining:>3} filters left, held-out top-1 "
-              f"{df.heldout_top1.iat[0]:.4f} -> {last.heldout_top1:.4f}; score decided "
-              f"{r['removals'] - r['tied']}/{r['removals']} removals "
-              f"({time.perf_counter() - start:.1f} s{resumed})", flush=True)
     curves = pd.concat(frames, ignore_index=True)
     regime = regime_frame(cfg, traces)
     write_csv(regime, out / "regime.csv")
@@ -217,7 +313,7 @@ def main(cfg: DictConfig) -> None:
     save_figure(fig, out / "curves.png")
     ranks = agreement(cfg, model, scoring, traces, out) if cfg.method.rank_agreement else None
     if cfg.method.per_class:
-        per_class(cfg, model, scoring, bundle.classes, out)
+        per_class(cfg, model, scoring, bundle.classes, out, classes)
     if run is not None:
         import wandb
 
@@ -230,7 +326,9 @@ def main(cfg: DictConfig) -> None:
         run.log(logged)
         run.finish()
     print(f"results in {out}")
+    leave()
 
 
 if __name__ == "__main__":
+    join_before_hydra()  # under torchrun: one process group, one run folder
     main()
