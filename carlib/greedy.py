@@ -56,10 +56,18 @@ from tqdm.auto import tqdm
 from carlib.checkpointing import RunState
 from carlib.criteria import Criterion, get_criterion
 from carlib.errors import CarlibError
-from carlib.evaluate import check_metric, eval_mode, hits, topk_of
+from carlib.evaluate import check_metric, eval_mode, topk_of
 from carlib.graph import MaskedNet
 from carlib.precision import float32_exact
-from carlib.scoring import LayerData, ScoringOptions, Tally, TallyMemo, check_mode, tally
+from carlib.scoring import (
+    LayerData,
+    ScoringOptions,
+    Tally,
+    TallyMemo,
+    check_mode,
+    hit_rates,
+    tally,
+)
 from carlib.stats import METHODS, car_interval
 
 log = logging.getLogger(__name__)
@@ -229,19 +237,6 @@ class _Cuts:
         return (cached or valid or [self.get(prefer[0])])[0]
 
 
-@torch.no_grad()
-def _hit_rates(cut: LayerData, ks: Iterable[int]) -> dict[int, float]:
-    """Top-k hit fraction of the masked network on the cut's data for each k in `ks`: one
-    suffix pass over the cut's (cached) prefix outputs."""
-    n, c = 0, dict.fromkeys(ks, 0)
-    for (h, *rest), y in cut:
-        out = cut.suffix(h, *rest)
-        n += len(y)
-        for k in c:
-            c[k] += int(hits(out, y, k).sum())
-    return {k: v / n for k, v in c.items()}
-
-
 def _interval(t: Tally | None, f: int, metric: str, method: str, seed: int
               ) -> tuple[float, float]:
     """The CAR interval of candidate f from the tally's flip counts (NaN where unavailable)."""
@@ -378,7 +373,7 @@ def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
         rates = {k_tally: fresh[0].base_correct / fresh[0].n} if fresh else {}
         if ks - rates.keys():
             last = trace.removed_layers[-1:]
-            rates.update(_hit_rates(cuts.any([*last, *layers]), ks - rates.keys()))
+            rates.update(hit_rates(cuts.any([*last, *layers]), ks - rates.keys()))
         for r in rows:
             r["scoring_acc"] = rates[k_acc]
         if trace.scoring_top1 is None:
@@ -391,7 +386,7 @@ def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
         where = picks[-1][0].layer if picks else layers[0]
         after = {"filters_remaining": sum(len(net.kept(n)) for n in layers),
                  "scoring_acc": acc,
-                 "heldout_top1": (_hit_rates(held.any([where, *layers]), [1])[1] if held
+                 "heldout_top1": (hit_rates(held.any([where, *layers]), [1])[1] if held
                                   else math.nan)}
         for c, n_tied, rule in picks or [(None, 0, "")]:
             row: dict = {"step": step}
@@ -467,7 +462,7 @@ def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
             # the chosen filter's count is the network after this step's
             acc = int(t.correct[t.candidates.index(f)]) / t.n
         elif len(trace.removed) == n_remove or not fresh or k_tally != k_acc:
-            acc = _hit_rates(cuts.any([picks[-1][0].layer, *layers]), [k_acc])[k_acc]
+            acc = hit_rates(cuts.any([picks[-1][0].layer, *layers]), [k_acc])[k_acc]
         record(step, picks, tallies, acc)
         save(trace)
         n_cands = sum(len(t.candidates) for t in fresh)  # 0 for base-only tallies

@@ -719,16 +719,16 @@ def naive_tally(net: MaskedNet, layer: str, data: Iterable, candidates: list[int
 
 
 @torch.no_grad()
-def measure(cut: LayerData, metric: str = "top1") -> tuple[float, float]:
-    """(metric hits fraction, mean loss) of the masked network on the cut's data."""
-    k = topk_of(metric)
-    n, c, loss = 0, 0, 0.0
+def hit_rates(cut: LayerData, ks: Iterable[int]) -> dict[int, float]:
+    """Top-k hit fraction of the masked network on the cut's data for each k in `ks`: one
+    suffix pass over the cut's (cached) prefix outputs."""
+    n, c = 0, dict.fromkeys(ks, 0)
     for (h, *rest), y in cut:
         out = cut.suffix(h, *rest)
         n += len(y)
-        c += hits(out, y, k).sum()
-        loss += losses(out, y).sum()
-    return int(c) / n, float(loss) / n
+        for k in c:
+            c[k] += int(hits(out, y, k).sum())
+    return {k: v / n for k, v in c.items()}
 
 
 def car_scores(model: nn.Module, layer: str, data: Iterable, metric: str = "top1", *,

@@ -68,13 +68,13 @@ def test_scoring_accuracy_in_other_metrics(metric):
 def passes(monkeypatch: pytest.MonkeyPatch) -> Counter:
     """Counts greedy's own suffix passes over the scoring set (not the held-out set's)."""
     count: Counter = Counter()
-    real = carlib.greedy._hit_rates
+    real = carlib.greedy.hit_rates
 
     def counted(cut, ks):
         count[cut.what] += 1
         return real(cut, ks)
 
-    monkeypatch.setattr(carlib.greedy, "_hit_rates", counted)
+    monkeypatch.setattr(carlib.greedy, "hit_rates", counted)
     return count
 
 
