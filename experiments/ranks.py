@@ -146,18 +146,18 @@ def suffix_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return {name: sum(c for _, c in order[i + 1:]) for i, (name, _) in enumerate(order)}
 
 
-def run_cost(model: nn.Module, layers: list[str], n_remove: int, k: int, criterion: str,
-             heldout_ratio: float, weight: float = 1.0) -> float:
+def run_cost(sizes: list[int], n_remove: int, k: int, criterion: str, heldout_ratio: float,
+             weight: float = 1.0) -> float:
     """A greedy run's estimated work, in candidate passes over the scoring set times `weight`
     (the cost of one, relative: `suffix_macs`): per step a held-out pass (`heldout_ratio` =
     held-out / scoring images) and a scoring one; CAR-family runs add their candidate
-    evaluations (`carlib.greedy.global_cost`), other criteria that depend on the whole network
+    evaluations (`carlib.greedy.global_cost` over the run's layers of `sizes` filters), other
+    criteria that depend on the whole network
     (taylor: forward and backward) 3 passes per step."""
     steps = math.ceil(n_remove / k)
     cost = (steps + 1) * (1 + heldout_ratio)
     if criterion in CAR_FAMILY:
-        net = MaskedNet(model)
-        cost += global_cost([net.unit(name).num_filters for name in layers], n_remove, k)["global"]
+        cost += global_cost(sizes, n_remove, k)["global"]
     elif get_criterion(criterion).depends == "network":
         cost += 3 * steps
     return cost * weight
@@ -184,11 +184,13 @@ def owners(runs: list[tuple[list[str], int, str]], per_class_layers: list[str], 
     def weight(layers: list[str]) -> float:  # unknown names (not module paths): 1
         return sum(macs.get(name, most) / most for name in layers) / len(layers)
 
+    net = MaskedNet(model)  # traced once: filter counts of every layer
     task_of: dict[int, int] = {}
     tasks: list[float] = []
     pair: dict[str, int] = {}
     for i, (layers, n_remove, c) in enumerate(runs):
-        cost = run_cost(model, layers, n_remove, k, c, ratio, weight(layers))
+        cost = run_cost([net.unit(name).num_filters for name in layers], n_remove, k, c, ratio,
+                        weight(layers))
         if c in ("car", "car_random_tie"):
             unit = "+".join(layers)
             if unit in pair:  # car_random_tie costs a fraction after sharing car's tallies
@@ -198,11 +200,9 @@ def owners(runs: list[tuple[list[str], int, str]], per_class_layers: list[str], 
             pair[unit] = len(tasks)
         task_of[i] = len(tasks)
         tasks.append(cost)
-    net = MaskedNet(model)
-    layers = per_class_layers
     first = len(tasks)
     tasks += [(net.unit(name).num_filters + 1.0) * weight([name])  # one tally each
-              for name in layers]
+              for name in per_class_layers]
     rank = assign(tasks, world)
     return [rank[task_of[i]] for i in range(len(runs))], rank[first:]
 
