@@ -19,7 +19,7 @@ from carlib.criteria import get_criterion
 from carlib.evaluate import check_metric, eval_mode
 from carlib.graph import MaskedNet
 from carlib.greedy import Trace
-from carlib.scoring import LayerData
+from carlib.scoring import LayerData, example_of
 
 COLUMNS = ["layer", "criterion", "spearman", "kendall", "n_filters"]
 
@@ -36,7 +36,7 @@ def layer_scores(model: nn.Module, layer: str, data: Iterable, criteria: Sequenc
     known = known or {}
     out: dict[str, torch.Tensor] = {}
     with eval_mode(model), torch.no_grad():
-        net = MaskedNet(model)
+        net = MaskedNet(model, example_of(data))
         cut = LayerData(net, layer, data)
         kept = list(range(net.unit(layer).num_filters))
         for name in criteria:

@@ -22,7 +22,7 @@ from carlib.errors import CarlibError
 from carlib.evaluate import check_metric, eval_mode
 from carlib.graph import MaskedNet
 from carlib.greedy import Candidate, choose
-from carlib.scoring import LayerData, tally
+from carlib.scoring import LayerData, example_of, tally
 
 
 def random_subset(data: Iterable, size: int, seed: int = 0) -> list:
@@ -62,7 +62,7 @@ def approx_greedy(model: nn.Module, layer: str, data: Iterable, n_keep: int, *,
     if k < 1 or taylor_m is not None and taylor_m < 1:
         raise CarlibError(f"k={k} and taylor_m={taylor_m} must be at least 1")
     with eval_mode(model):
-        net = MaskedNet(model)
+        net = MaskedNet(model, example_of(data))
         if not 1 <= n_keep <= net.unit(layer).num_filters:
             raise CarlibError(f"n_keep={n_keep} is out of range for {layer}")
         cut = LayerData(net, layer, random_subset(data, subset, seed) if subset else data)

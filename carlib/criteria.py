@@ -18,16 +18,19 @@ greedy runs record as scoring accuracy instead of measuring it again). `cut` is 
   whatever `method.metric` says.
 - `random`: a seeded permutation (over the layer's filters, or over all listed layers' filters
   for the network-wide schedule).
-- `l1`, `l2`: L1 / L2 norm of the filter's conv weights (bias excluded; Li et al. 2016).
+- `l1`, `l2`: L1 / L2 norm of the filter's conv weights (bias excluded; Li et al. 2016); for a
+  multi-point unit (`carlib.groups`), of the weights of every conv that loses the channel.
 - `mean_activation`: mean of a(c) over scoring images and spatial positions, where a(c) is the
   channel at its mask point (conv output, or its BatchNorm's output) passed through ReLU when a
   ReLU is the op that follows the mask point (as in conv -> [BN] -> ReLU, looking through
   identity modules and dropout), else taken as is.
 - `apoz`: 1 - APoZ, with APoZ (Hu et al. 2016) the fraction of zeros of that same a(c) over
-  scoring images and positions: high APoZ = unimportant = removed first.
+  scoring images and positions: high APoZ = unimportant = removed first. (A multi-point
+  unit's a(c) is taken at its first mask point.)
 - `taylor`: first-order Taylor (Molchanov et al. 2019): per scoring batch b, the channel's
   gate gradient G_b(c) = d L_b / d m_c = sum over the channel's elements of a * dL_b/da, with
-  m_c a multiplier on the channel at its mask point and L_b the batch's mean cross-entropy;
+  m_c a multiplier on the channel at its mask point (at all of a multi-point unit's) and L_b
+  the batch's mean cross-entropy;
   importance = mean over batches of G_b(c)^2 (so it depends on the batch size).
 """
 
@@ -91,8 +94,12 @@ class Criterion:
         return self.metric or metric
 
 
-def _conv_weight(net: MaskedNet, layer: str) -> torch.Tensor:
-    return net.gm.get_submodule(layer).weight.detach()
+def _filter_weights(net: MaskedNet, layer: str) -> list[torch.Tensor]:
+    """(filters, fan-in) weights of every conv that loses the unit's channels: the layer's
+    own conv, or (multi-point units) each writer of the unit (e.g. a residual stream's)."""
+    unit = net.unit(layer)
+    convs = [net.gm.get_submodule(c) for c in (unit.convs or (unit.name,))]
+    return [c.weight.detach().flatten(1) for c in convs if c.out_channels == unit.num_filters]
 
 
 def make_car(mode: str = "fast") -> ScoreFn:
@@ -112,12 +119,18 @@ car = make_car()
 
 def l1(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
     """Sum of absolute filter weights (Li et al. 2016)."""
-    return _conv_weight(net, layer).abs().flatten(1)[kept].sum(1).double().cpu(), None
+    ws = _filter_weights(net, layer)
+    if len(ws) == 1:
+        return ws[0].abs()[kept].sum(1).double().cpu(), None
+    return sum(w.abs().sum(1).double() for w in ws)[kept].cpu(), None
 
 
 def l2(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
     """Euclidean norm of the filter's weights."""
-    return _conv_weight(net, layer).flatten(1)[kept].double().norm(dim=1).cpu(), None
+    ws = _filter_weights(net, layer)
+    if len(ws) == 1:
+        return ws[0][kept].double().norm(dim=1).cpu(), None
+    return sum((w.double() ** 2).sum(1) for w in ws)[kept].sqrt().cpu(), None
 
 
 def relu_follows(net: MaskedNet, layer: str) -> bool:
@@ -169,6 +182,20 @@ def apoz(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: st
     return 1.0 - _channel_mean(net, layer, cut, kept, lambda a: (a == 0).double()), None
 
 
+def _gated(net: MaskedNet, layer: str, cut: LayerData, gate: torch.Tensor, h: torch.Tensor,
+           extras: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Suffix logits with the unit's channels multiplied by `gate` at its mask point, or at
+    every mask point of a multi-point unit (its mask times the gate, per row)."""
+    mask = net.unit_mask(layer)
+    if mask is None:
+        return cut.suffix(h * gate, *extras)
+    mask.rows = (mask.mask.flatten(1) * gate.flatten(1)).expand(len(h), -1)
+    try:
+        return cut.suffix(h, *extras)
+    finally:
+        mask.rows = None
+
+
 def taylor(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
     """First-order Taylor importance (Molchanov et al. 2019): mean over batches of G_b(c)^2."""
     total = torch.zeros(net.unit(layer).num_filters, dtype=torch.float64)
@@ -177,7 +204,7 @@ def taylor(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: 
         with torch.enable_grad():
             gate = torch.ones(1, h.shape[1], *[1] * (h.dim() - 2), dtype=h.dtype,
                               device=h.device, requires_grad=True)
-            logits = cut.suffix(h * gate, *extras)
+            logits = _gated(net, layer, cut, gate, h, extras)
             loss = F.cross_entropy(logits, y)
             (g,) = torch.autograd.grad(loss, gate)
         total += g.flatten().double().cpu() ** 2

@@ -6,38 +6,35 @@ conv if there is one (zeroing conv weights would leave the BN bias), else the co
 (which includes its bias). From there the channel must reach only conv/linear *consumers*
 through zero-preserving, channel-wise ops (ReLU, pooling, dropout, flatten); then a zero channel
 is exactly the physically removed one. Channels that reach an addition, a concatenation or the
-output (residual-coupled channels) are not prunable here.
+output (residual-coupled channels) are not single-conv units: `carlib.groups` builds those.
 
 `MaskedNet.split` cuts the graph at a mask point (prefix, suffix); `split_at_consumers` cuts the
 suffix again into the ops up to the consumers, the consumers, and the rest (see `ConsumerSplit`).
+
+Given an example input, `MaskedNet` also builds the units this analysis leaves out from
+torch-pruning's dependency groups (`carlib.groups`): residual streams, concatenations, depthwise
+and grouped convs, SE gates, LayerNorms; each is masked at every point of its group and cut
+where its first mask points are (`split`), and scored on the plain path.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from carlib import groups
 from carlib.errors import CarlibError
+from carlib.groups import Unit
 
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
                  nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten)
 _PASS_FUNCTIONS = {torch.flatten, torch.relu, F.relu, F.max_pool2d, F.avg_pool2d,
                    F.adaptive_avg_pool2d, F.dropout}
 _PASS_METHODS = {"relu", "flatten"}
-
-
-@dataclass
-class Unit:
-    """One prunable conv layer: its filters, mask point and consumers."""
-
-    name: str
-    num_filters: int
-    mask_node: str
-    consumers: list[str] = field(default_factory=list)
 
 
 def _is_consumer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -100,19 +97,50 @@ def analyze(gm: fx.GraphModule) -> tuple[dict[str, Unit], dict[str, str]]:
     return units, excluded
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping LayerNorm subclasses (torchvision's LayerNorm2d) as one module
+    call, so a unit can mask them (`carlib.groups.MaskedLayerNorm`)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, nn.LayerNorm) or super().is_leaf_module(m, qualname)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as e:  # noqa: BLE001 - fx raises many types; report one line
         raise CarlibError(f"cannot trace {type(model).__name__} with torch.fx "
                           f"({str(e).splitlines()[0]}); carlib needs an fx-traceable "
                           "model") from None
 
 
-def prunable_layers(model: nn.Module) -> list[str]:
-    """Names (as in `model.named_modules()`) of the conv layers whose filters can be removed."""
-    units, _ = analyze(_trace(model))
-    return list(units)
+def prunable_layers(model: nn.Module, example_input: torch.Tensor | None = None) -> list[str]:
+    """Names (as in `model.named_modules()`) of the units whose filters can be removed: each
+    conv masked alone; with `example_input`, also every dependency group (`units`), named by
+    its first conv."""
+    return list(MaskedNet(model, example_input).units)
+
+
+def units(model: nn.Module, example_input: torch.Tensor) -> list[Unit]:
+    """Every prunable unit of `model` (traced on `example_input`, one N x C x H x W batch):
+    name, kind, channels, the convs it removes filters from (see `carlib.groups`)."""
+    return list(MaskedNet(model, example_input).units.values())
+
+
+def coverage(model: nn.Module, example_input: torch.Tensor) -> dict[str, object]:
+    """How much of `model` CAR can score: conv filters in a unit / all conv filters, the
+    excluded convs with their reasons, and the units by kind."""
+    net = MaskedNet(model, example_input)
+    sizes = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    covered = {c for u in net.units.values() for c in (u.convs or (u.name,))}
+    kinds: dict[str, int] = {}
+    for u in net.units.values():
+        kinds[u.kind] = kinds.get(u.kind, 0) + 1
+    return {"filters": sum(sizes.values()),
+            "scorable": sum(sizes[c] for c in covered if c in sizes),
+            "units": len(net.units), "kinds": kinds, "excluded": dict(net.excluded)}
 
 
 class MaskedNet(nn.Module):
@@ -123,17 +151,40 @@ class MaskedNet(nn.Module):
     candidate filter.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, example_input: torch.Tensor | None = None) -> None:
         super().__init__()
         gm = _trace(model)
         self.units, self.excluded = analyze(gm)
-        self._mask_names: dict[str, str] = {}
-        self.model_name = type(model).__name__
         param = next(model.parameters(), None)
-        dev = param.device if param is not None else None  # masks live with the weights
+        if example_input is not None and param is not None:
+            example_input = example_input.to(param.device, param.dtype)
+        self.grouped = example_input is not None  # multi-point units were looked for
+        if example_input is not None:
+            self.units, self.excluded = groups.group_units(model, gm, example_input, self.units)
+        self.model_name = type(model).__name__
+        self._device = param.device if param is not None else None  # masks live with weights
+        self.gm = self._insert(gm)
+        if example_input is not None and self._unit_masks:
+            bad = groups.check_zero(self.gm, self.units, self._unit_masks, example_input)
+            if bad:  # rebuild without them
+                for name, why in bad.items():
+                    for c in self.units.pop(name).convs or (name,):
+                        self.excluded[c] = why
+                self.gm = self._insert(_trace(model))
+        self._alias = {c: u.name for u in self.units.values() for c in u.convs}
+
+    def _insert(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """`gm` with every unit's mask inserted at its mask point(s)."""
+        self._mask_names: dict[str, str] = {}
+        self._unit_masks: dict[str, groups.UnitMask] = {}
+        dev = self._device
         nodes = {n.name: n for n in gm.graph.nodes}
         for i, unit in enumerate(self.units.values()):
             attr = f"carlib_mask_{i}"
+            if unit.multi:
+                self._unit_masks[unit.name] = groups.insert(gm, unit, attr, dev)
+                self._mask_names[unit.name] = f"{attr}.mask"
+                continue
             gm.register_buffer(attr, torch.ones(1, unit.num_filters, 1, 1, device=dev))
             point = nodes[unit.mask_node]
             with gm.graph.inserting_after(point):
@@ -143,15 +194,20 @@ class MaskedNet(nn.Module):
             point.replace_all_uses_with(mul, delete_user_cb=lambda u, m=mul: u is not m)
             self._mask_names[unit.name] = attr
         gm.recompile()
-        self.gm = gm
+        return gm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gm(x)
 
     def unit(self, layer: str) -> Unit:
-        """The prunable unit called `layer`, or a one-line error listing the valid names."""
+        """The prunable unit called `layer` (or holding conv `layer`), or a one-line error
+        listing the valid names."""
+        layer = self._alias.get(layer, layer)
         if layer not in self.units:
             why = f" ({self.excluded[layer]})" if layer in self.excluded else ""
+            if not self.grouped and layer in self.excluded:
+                why += (" as a single conv; an example input (MaskedNet(model, x[:1]), or "
+                        "re-iterable data) finds the unit it belongs to")
             if not self.units:
                 convs = "; ".join(f"{n}: {r}" for n, r in list(self.excluded.items())[:3])
                 raise CarlibError(
@@ -164,12 +220,11 @@ class MaskedNet(nn.Module):
 
     def mask(self, layer: str) -> torch.Tensor:
         """The layer's mask buffer, shape (1, C, 1, 1); write zeros into it to remove filters."""
-        return getattr(self.gm, self._mask_names[self.unit(layer).name])
+        return self.gm.get_buffer(self._mask_names[self.unit(layer).name])
 
-    def mask_module(self, layer: str) -> nn.Module:
-        """The module whose output is the layer's mask point (its BatchNorm, else the conv)."""
-        node = next(n for n in self.gm.graph.nodes if n.name == self.unit(layer).mask_node)
-        return self.gm.get_submodule(node.target)
+    def unit_mask(self, layer: str) -> groups.UnitMask | None:
+        """The mask module of a multi-point unit (None for a single-point one)."""
+        return self._unit_masks.get(self.unit(layer).name)
 
     def kept(self, layer: str) -> list[int]:
         return torch.nonzero(self.mask(layer).flatten()).flatten().tolist()
@@ -180,11 +235,17 @@ class MaskedNet(nn.Module):
     def _cut(self, layer: str) -> tuple[fx.Node, set[fx.Node], list[fx.Node]]:
         """(mask point node, nodes downstream of it, boundary = [point, *outside inputs])."""
         graph = self.gm.graph
-        cut = next(n for n in graph.nodes if n.name == self.unit(layer).mask_node)
-        down = _downstream(cut)
-        boundary = [cut] + [a for n in graph.nodes if n in down for a in n.all_input_nodes
-                            if a not in down and a is not cut and a.op != "get_attr"]
-        return cut, down, list(dict.fromkeys(boundary))
+        unit = self.unit(layer)
+        nodes = {n.name: n for n in graph.nodes}
+        cuts = [nodes[unit.mask_node]]
+        if unit.multi:  # every mask point not downstream of another (a norm: at its input)
+            points = [nodes[p.node].args[0] if p.norm else nodes[p.node] for p in unit.points]
+            after = set().union(*(_downstream(p) for p in points))
+            cuts = list(dict.fromkeys(p for p in points if p not in after))
+        down = set().union(*(_downstream(c) for c in cuts))
+        boundary = cuts + [a for n in graph.nodes if n in down for a in n.all_input_nodes
+                           if a not in down and a not in cuts and a.op != "get_attr"]
+        return cuts[0], down, list(dict.fromkeys(boundary))
 
     def split(self, layer: str) -> tuple[fx.GraphModule, fx.GraphModule]:
         """(prefix, suffix) with `suffix(*prefix(x)) == self(x)`.
@@ -203,6 +264,10 @@ class MaskedNet(nn.Module):
         Raises CarlibError (with the reason) where channel c of the mask point does not map to
         input channel c (conv) or feature block c (linear after flatten) of every consumer.
         """
+        unit = self.unit(layer)
+        if unit.multi:
+            raise CarlibError(f"{unit.name} is a {unit.kind} unit masked at {len(unit.points)} "
+                              "points: no single cut at its consumers")
         cut, down, boundary = self._cut(layer)
         modules = dict(self.gm.named_modules())
         start = next(iter(cut.users))  # the mask multiplication MaskedNet inserted

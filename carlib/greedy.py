@@ -65,6 +65,7 @@ from carlib.scoring import (
     Tally,
     TallyMemo,
     check_mode,
+    example_of,
     hit_rates,
     tally,
 )
@@ -124,9 +125,10 @@ class Trace:
         return {"scoring_top1": self.scoring_top1, "removals": len(rows), "tied": tied,
                 "decided": 1 - tied / len(rows) if rows else math.nan}
 
-    def pruned(self, model: nn.Module) -> MaskedNet:
-        """A masked view of `model` (sharing its weights) with this trace's filters removed."""
-        net = MaskedNet(model)
+    def pruned(self, model: nn.Module, example_input: torch.Tensor | None = None) -> MaskedNet:
+        """A masked view of `model` (sharing its weights) with this trace's filters removed;
+        `example_input` (one batch) is needed where the trace removed multi-point units."""
+        net = MaskedNet(model, example_input)
         for name, f in zip(self.removed_layers, self.removed):
             net.remove(name, [f])
         return net
@@ -495,7 +497,7 @@ def _run(model: nn.Module, trace: Trace, criterion: str | Criterion, data: Itera
     score_fn = get_criterion(criterion, trace.seed,
                              layers if trace.schedule == "global" else None, mode)
     with eval_mode(model), torch.no_grad():
-        net = MaskedNet(model)
+        net = MaskedNet(model, example_of(data))
         sizes = {name: net.unit(name).num_filters for name in layers}
         if isinstance(min_keep, int):
             min_keep = dict.fromkeys(layers, min_keep)

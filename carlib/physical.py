@@ -7,9 +7,9 @@ of every other conv that feeds the same chain of additions. In a torchvision Res
 is a whole stage (block i's output is block i+1's identity), so one channel of layer1.0.conv3
 is removed together with the same channel of layer1.0.downsample.0, layer1.1.conv3 and
 layer1.2.conv3 (and input channels of layer1.1.conv1, layer1.2.conv1, layer2.0.conv1 and
-layer2.0.downsample.0). Such *coupled* units are what carlib's masked CAR (`carlib.graph`)
-excludes ("its channels reach add"); `prune_physically` refuses them with that reason and
-`prune_coupled` removes them as whole units.
+layer2.0.downsample.0). carlib scores such a *coupled* group as one residual unit
+(`carlib.groups`); `prune_physically` refuses them and `prune_coupled` removes them as whole
+units.
 
 Filter indices are always those of the full network; a pruned layer keeps its remaining
 filters in their original order.
@@ -79,6 +79,31 @@ def _unit(dg: tp.DependencyGraph, model: nn.Module, layer: str) -> RemovalUnit:
                        tuple(sorted(consumers, key=order.index)))
 
 
+def ungroup(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` with every grouped (not depthwise) conv replaced by an equal
+    dense conv (block-diagonal weights): the same function (up to float summation order), in
+    a form torch-pruning can remove single channels from (it cannot make groups uneven)."""
+    model = copy.deepcopy(model)
+    for name, m in list(model.named_modules()):
+        if not (isinstance(m, nn.Conv2d) and m.groups > 1
+                and not m.groups == m.in_channels == m.out_channels):
+            continue
+        dense = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                          m.dilation, 1, m.bias is not None, m.padding_mode,
+                          device=m.weight.device, dtype=m.weight.dtype)
+        w = torch.zeros_like(dense.weight)
+        i, o = m.in_channels // m.groups, m.out_channels // m.groups
+        for g in range(m.groups):
+            w[g * o:(g + 1) * o, g * i:(g + 1) * i] = m.weight.detach()[g * o:(g + 1) * o]
+        with torch.no_grad():
+            dense.weight.copy_(w)
+            if m.bias is not None:
+                dense.bias.copy_(m.bias)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, dense)
+    return model
+
+
 def _convs(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
 
@@ -95,8 +120,8 @@ def removal_units(model: nn.Module, example_input: torch.Tensor,
                   layers: Sequence[str] | None = None) -> dict[str, RemovalUnit]:
     """The removal unit of every (ungrouped) conv layer of `model`, or of `layers`, by name.
 
-    Uncoupled units are exactly the layers carlib can mask (`carlib.prunable_layers`) for the
-    networks in carlib.models; coupled ones are those it excludes as reaching an addition.
+    Uncoupled units are exactly the single-conv units carlib masks (`carlib.prunable_layers`)
+    for the networks in carlib.models; coupled ones are its residual units (`carlib.groups`).
     """
     _check_convs(model, layers or [])
     dg = _graph(model, example_input)

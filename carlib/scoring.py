@@ -237,6 +237,18 @@ def checked(net: MaskedNet, data: Iterable, what: str = "scoring set"
                           "batch")
 
 
+def example_of(data: Iterable) -> torch.Tensor | None:
+    """One image (1 x C x H x W) of re-iterable `data` ((inputs, targets) batches), to trace a
+    model's units on (`MaskedNet(model, example_input)`); None for a one-shot iterator (its
+    first batch would be lost) or batches that are not 4-D tensors."""
+    if iter(data) is data:
+        return None
+    for batch in data:
+        x = batch[0] if isinstance(batch, (tuple, list)) and batch else None
+        return x[:1] if isinstance(x, torch.Tensor) and x.dim() == 4 and len(x) else None
+    return None
+
+
 class LayerData:
     """Batches cut at `layer`: (prefix outputs, targets), computed once per scoring batch.
 
@@ -489,12 +501,22 @@ def _peak_bytes(module: fx.GraphModule, *args: torch.Tensor) -> int:
     return interp.peak
 
 
-def _zeroed_suffix(suffix: fx.GraphModule, h: torch.Tensor, extras: Sequence[torch.Tensor],
+def _zeroed_suffix(cut: LayerData, h: torch.Tensor, extras: Sequence[torch.Tensor],
                    rows: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:
-    """Suffix logits of image rows[i] with channel chans[i] zeroed, for each i."""
-    hz = h[rows]
-    hz[torch.arange(len(rows), device=hz.device), chans] = 0
-    return suffix(hz, *[e[rows] for e in extras])
+    """Suffix logits of image rows[i] with channel chans[i] removed, for each i: zeroed in
+    the prefix output, or (a multi-point unit) by a per-row mask at every mask point."""
+    ar = torch.arange(len(rows), device=h.device)
+    unit = cut.net.unit_mask(cut.layer)
+    if unit is None:
+        hz = h[rows]
+        hz[ar, chans] = 0
+        return cut.suffix(hz, *[e[rows] for e in extras])
+    unit.rows = unit.mask.flatten(1).repeat(len(rows), 1)
+    unit.rows[ar, chans] = 0
+    try:
+        return cut.suffix(h[rows], *[e[rows] for e in extras])
+    finally:
+        unit.rows = None
 
 
 def _conv_ablated(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, cs: torch.Tensor
@@ -597,10 +619,10 @@ def _probe(cut: LayerData, h: torch.Tensor, extras: Sequence[torch.Tensor], cs: 
     first image of a float32 pass; every pair of a reduced-precision pass (its error varies
     more from image to image, and it is measured once per cut)."""
     if precision == "float32":
-        return out[:, 0], lambda: _zeroed_suffix(cut.suffix, h, extras, torch.zeros_like(cs), cs)
+        return out[:, 0], lambda: _zeroed_suffix(cut, h, extras, torch.zeros_like(cs), cs)
     m, b = out.shape[:2]
     rows = torch.arange(b, device=h.device).repeat(m)
-    return out, lambda: _zeroed_suffix(cut.suffix, h, extras, rows,
+    return out, lambda: _zeroed_suffix(cut, h, extras, rows,
                                        cs.repeat_interleave(b)).view(m, b, -1)
 
 
@@ -619,7 +641,7 @@ def _tally_images(cut: LayerData, engine: _Engine | None, h: torch.Tensor,
         cs = torch.as_tensor(candidates[s:s + m], device=h.device)
         if engine is None:
             rows = torch.arange(b, device=h.device).repeat(len(cs))
-            out = _zeroed_suffix(cut.suffix, h, extras, rows, cs.repeat_interleave(b))
+            out = _zeroed_suffix(cut, h, extras, rows, cs.repeat_interleave(b))
             counts.add(s, out.view(len(cs), b, -1), y)
             continue
         with _math(precision, h.device):
@@ -628,7 +650,7 @@ def _tally_images(cut: LayerData, engine: _Engine | None, h: torch.Tensor,
         tol = engine.tolerance(*_probe(cut, h, extras, cs, out, precision), rtol, precision)
         j, i = torch.nonzero(_unsure(out, y, counts.k, tol), as_tuple=True)
         if len(j):
-            out[j, i] = _zeroed_suffix(cut.suffix, h, extras, i, cs[j])
+            out[j, i] = _zeroed_suffix(cut, h, extras, i, cs[j])
             counts.rechecked += len(j)
         counts.add(s, out, y)
 
@@ -691,30 +713,21 @@ def naive_tally(net: MaskedNet, layer: str, data: Iterable, candidates: list[int
                 metric: str = "top1", *, per_class: bool = False) -> Tally:
     """Reference tally: one full forward of `net` per candidate and batch, nothing cached.
 
-    The candidate is removed by a forward hook that zeroes its channel at the output of the
-    layer's mask-point module (its BatchNorm, else the conv).
+    The candidate is removed through the net's own mask (zeroed, then restored): at the
+    layer's mask point (its BatchNorm, else the conv), or at every point of a multi-point unit.
     """
     check_metric(metric)
     counts = _Counts(candidates, topk_of(metric), per_class)
-    zero: list[int] = []
-
-    def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        if not zero:
-            return None
-        out = out.clone()
-        out[:, zero[0]] = 0
-        return out
-
-    handle = net.mask_module(layer).register_forward_hook(hook)
-    try:
-        for x, y in checked(net, data):
-            counts.add_base(net(x), y)
-            for j, c in enumerate(candidates):
-                zero[:] = [c]
+    mask = net.mask(layer).view(-1)
+    for x, y in checked(net, data):
+        counts.add_base(net(x), y)
+        for j, c in enumerate(candidates):
+            was = mask[c].clone()
+            mask[c] = 0
+            try:
                 counts.add(j, net(x).unsqueeze(0), y)
-                zero.clear()
-    finally:
-        handle.remove()
+            finally:
+                mask[c] = was
     return counts.tally()
 
 
@@ -749,7 +762,7 @@ def car_scores(model: nn.Module, layer: str, data: Iterable, metric: str = "top1
     if per_class and metric == "loss":
         raise CarlibError("per_class CAR needs an accuracy metric (top1 or top5), not loss")
     with eval_mode(model):
-        net = MaskedNet(model)
+        net = MaskedNet(model, example_of(data))
         for name, idx in (removed or {}).items():
             net.remove(name, idx)
         kept = net.kept(layer)

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from ranks import place, slurm_tasks
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from carlib import MaskedNet
 from carlib.criteria import get_criterion
 from carlib.data import (
     DataBundle,
@@ -143,6 +144,25 @@ def _names(cfg: DictConfig, key: str, example: str) -> list[str]:
     if not value:
         raise CarlibError(f"{key}=[] names none; list at least one, e.g. {key}=[{example}]")
     return list(value)
+
+
+def masked(model: torch.nn.Module, names: list[str], example: torch.Tensor | None) -> MaskedNet:
+    """`MaskedNet` of `model` that knows the units `names`: traced on `example` (one forward)
+    only where a name is not a conv masked alone (a residual stream, ...) or is `all`."""
+    net = MaskedNet(model)
+    if names == ["all"] or any(n not in net.units for n in names):
+        net = MaskedNet(model, example)
+    return net
+
+
+def resolve_layers(cfg: DictConfig, model: torch.nn.Module, example: torch.Tensor | None
+                   ) -> list[str]:
+    """`method.layers`, with [all] replaced (in `cfg` too) by every unit of the model
+    (`carlib.units`: each conv masked alone, residual streams, concatenations, ...)."""
+    if list(cfg.method.layers) == ["all"]:
+        with open_dict(cfg):
+            cfg.method.layers = list(masked(model, ["all"], example).units)
+    return list(cfg.method.layers)
 
 
 def check_config(cfg: DictConfig) -> None:

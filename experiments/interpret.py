@@ -24,14 +24,16 @@ from common import (
     get_model,
     guard,
     load_data,
+    masked,
     output_dir,
+    resolve_layers,
     scoring_and_heldout,
     scoring_options,
     start_wandb,
 )
 from omegaconf import DictConfig
 
-from carlib import MaskedNet, car_scores, greedy_prune
+from carlib import car_scores, greedy_prune
 from carlib.classes import class_importance, plot_class_importance
 from carlib.color import (
     channel_responses,
@@ -45,6 +47,7 @@ from carlib.errors import CarlibError
 from carlib.gallery import filter_gallery, top_images_gallery
 from carlib.plotting import plot_curves
 from carlib.results import save_figure, write_csv
+from carlib.scoring import example_of
 
 
 def removal_orders(cfg: DictConfig, model, scoring, heldout, layers: dict[str, int]
@@ -92,11 +95,13 @@ def display_images(scoring, mean, std) -> torch.Tensor:
 def main(cfg: DictConfig) -> None:
     out, ic = output_dir(), cfg.interpret
     bundle = load_data(cfg)
-    model = get_model(cfg, bundle, check=lambda m: [MaskedNet(m).unit(n)
-                                                     for n in cfg.method.layers])
-    net = MaskedNet(model.eval())
-    layers = {n: net.unit(n).num_filters for n in cfg.method.layers}
     scoring, heldout = scoring_and_heldout(cfg, bundle, out)
+    example = example_of(heldout)  # one decoded image: traces the model's units
+    model = get_model(cfg, bundle, check=lambda m: [
+        masked(m, names, example).unit(n) for names in [resolve_layers(cfg, m, example)]
+        for n in names])
+    net = masked(model.eval(), resolve_layers(cfg, model, example), example)
+    layers = {n: net.unit(n).num_filters for n in cfg.method.layers}
     run = start_wandb(cfg, out, "interpret")
     traces = removal_orders(cfg, model, scoring, heldout, layers)
     tag = f"{cfg.model.name} on {cfg.data.name}" + (" (label: shape+color)"

@@ -37,13 +37,16 @@ from pathlib import Path
 
 import hydra
 import pandas as pd
+import torch
 from common import (
     checkpoint_path,
     data_key,
     get_model,
     guard,
     load_data,
+    masked,
     output_dir,
+    resolve_layers,
     scoring_and_heldout,
     scoring_options,
     start_wandb,
@@ -52,7 +55,7 @@ from omegaconf import DictConfig
 from ranks import join_before_hydra, owners, rank0_first, resume_hint, stop_message
 from torch import nn
 
-from carlib import MaskedNet, car_scores
+from carlib import car_scores
 from carlib.agreement import layer_scores, rank_agreement, scores_from_traces
 from carlib.checkpointing import RunState, fingerprint
 from carlib.classes import per_class_frame
@@ -64,23 +67,26 @@ from carlib.evaluate import image_hits
 from carlib.greedy import Trace, global_prune, greedy_prune
 from carlib.plotting import plot_curves, plot_rank_agreement, regime_notes
 from carlib.results import save_figure, write_csv
-from carlib.scoring import TallyMemo
+from carlib.scoring import TallyMemo, example_of
 from carlib.stats import paired_difference
 
 SCHEDULES = ("layerwise", "global")
 
 
-def plan(cfg: DictConfig, model: nn.Module) -> list[tuple[str, int]]:
+def plan(cfg: DictConfig, model: nn.Module, example: torch.Tensor | None = None
+         ) -> list[tuple[str, int]]:
     """(layer, n_keep) per configured layer; fails on unknown layers or counts out of range.
 
     n_keep applies to the layer-wise schedule only (global: `method.n_remove`/`keep_fraction`).
+    `example` (one input batch) traces the model's multi-point units (`carlib.groups`).
     """
     m = cfg.method
     if m.schedule not in SCHEDULES:
         raise CarlibError(f"method.schedule='{m.schedule}' is not one of {', '.join(SCHEDULES)}")
-    net = MaskedNet(model)
+    layers = resolve_layers(cfg, model, example)
+    net = masked(model, layers, example)
     out = []
-    for layer in m.layers:
+    for layer in layers:
         n = net.unit(layer).num_filters
         keep = m.n_keep if m.n_keep is not None else round(m.keep_fraction * n)
         if m.schedule == "layerwise" and not 1 <= keep <= n:
@@ -90,7 +96,7 @@ def plan(cfg: DictConfig, model: nn.Module) -> list[tuple[str, int]]:
     return out
 
 
-def jobs(cfg: DictConfig, model: nn.Module, scoring: object
+def jobs(cfg: DictConfig, model: nn.Module, scoring: object, example: torch.Tensor | None = None
          ) -> list[tuple[str, Callable[..., Trace]]]:
     """(label, run) per greedy run of the configured schedule."""
     m = cfg.method
@@ -100,20 +106,21 @@ def jobs(cfg: DictConfig, model: nn.Module, scoring: object
             global_prune, model, layers, scoring, m.n_remove, c, keep_fraction=m.keep_fraction,
             min_per_layer=m.min_per_layer)) for c in m.criteria]
     return [(f"{layer} {c}", functools.partial(greedy_prune, model, layer, scoring, n_keep, c))
-            for layer, n_keep in plan(cfg, model) for c in m.criteria]
+            for layer, n_keep in plan(cfg, model, example) for c in m.criteria]
 
 
-def units(cfg: DictConfig, model: nn.Module) -> list[tuple[list[str], int, str]]:
+def units(cfg: DictConfig, model: nn.Module, example: torch.Tensor | None = None
+          ) -> list[tuple[list[str], int, str]]:
     """(layers, filters removed, criterion) of each greedy run, in the order of `jobs`."""
     m = cfg.method
-    net = MaskedNet(model)
+    net = masked(model, list(m.layers), example)
     if m.schedule == "global":
         layers = list(dict.fromkeys(m.layers))
         total = sum(net.unit(name).num_filters for name in layers)
         n = m.n_remove if m.n_remove is not None else total - round(m.keep_fraction * total)
         return [(layers, n, c) for c in m.criteria]
     return [([layer], net.unit(layer).num_filters - keep, c)
-            for layer, keep in plan(cfg, model) for c in m.criteria]
+            for layer, keep in plan(cfg, model, example) for c in m.criteria]
 
 
 def must_train(cfg: DictConfig, bundle: object) -> bool:
@@ -148,7 +155,8 @@ def paired_frame(cfg: DictConfig, model: nn.Module, heldout: object, traces: lis
                  ) -> pd.DataFrame:
     """paired.csv: each CAR-family run's final network against every other criterion's of the
     same layer, on the same held-out images (`carlib.stats.paired_difference`)."""
-    hits = {(t.layer, t.criterion): image_hits(t.pruned(model), heldout) for t in traces}
+    x = example_of(heldout)
+    hits = {(t.layer, t.criterion): image_hits(t.pruned(model, x), heldout) for t in traces}
     rows = []
     for (layer, a), ha in hits.items():
         if a not in CAR_FAMILY:
@@ -249,19 +257,21 @@ def prune(cfg: DictConfig) -> None:
             print(f"{world} processes: greedy runs divided over them; results in {out}",
                   flush=True)
     bundle = rank0_first(bool(cfg.data.get("download")), lambda: load_data(cfg))
-    model = rank0_first(bool(broadcast(must_train(cfg, bundle))),
-                        lambda: get_model(cfg, bundle, check=lambda m: plan(cfg, m)))
     scoring, heldout = rank0_first(not in_memory(bundle.test), lambda: scoring_and_heldout(
         cfg, bundle, out, write=rank == 0))
+    example = example_of(heldout)  # one decoded image: traces the model's units
+    model = rank0_first(bool(broadcast(must_train(cfg, bundle))),
+                        lambda: get_model(cfg, bundle, check=lambda m: plan(cfg, m, example)))
+    resolve_layers(cfg, model, example)  # method.layers=[all]: every unit
     barrier()  # scoring_indices.txt is written: the runs' state key reads it
     state = run_state(cfg, model, out)
     run = start_wandb(cfg, out, "prune") if rank == 0 else None
     frames, traces = [], []
     memo = TallyMemo()  # runs that reach the same pruned network count it once
     options = scoring_options(cfg)
-    todo = jobs(cfg, model, scoring)
+    todo = jobs(cfg, model, scoring, example)
     per_class_layers = list(cfg.method.layers) if cfg.method.per_class else []
-    owner, class_owner = (owners(units(cfg, model), per_class_layers, cfg.method.k, model,
+    owner, class_owner = (owners(units(cfg, model, example), per_class_layers, cfg.method.k, model,
                                  scoring, heldout, world) if world > 1
                           else ([0] * len(todo), []))
     mine: dict[int, Trace] = {}

@@ -184,7 +184,7 @@ def owners(runs: list[tuple[list[str], int, str]], per_class_layers: list[str], 
     def weight(layers: list[str]) -> float:  # unknown names (not module paths): 1
         return sum(macs.get(name, most) / most for name in layers) / len(layers)
 
-    net = MaskedNet(model)  # traced once: filter counts of every layer
+    net = MaskedNet(model, x[:1])  # traced once: filter counts of every unit
     task_of: dict[int, int] = {}
     tasks: list[float] = []
     pair: dict[str, int] = {}

@@ -11,7 +11,8 @@
 #   control    main + interpret with color in the label (40 classes)          (~55 min)
 #   fashion    alexnet_small on Fashion-MNIST (real images), seeds 0-2        (~35 min)
 #   lenet      LeNet-5 on Fashion-MNIST, seeds 0-4                            (~17 min)
-#   resnet     small ResNet, network-wide over all prunable layers, seed 0    (~45 min)
+#   resnet     small ResNet, network-wide over 7 single-conv layers, seed 0   (~45 min)
+#   units      small ResNet, network-wide over every unit (residual streams) (~40 min)
 #   compress   retraining and layer compression of the main seed-0 CAR runs   (~5 min)
 #   saturated  the contrast: the old easy task scored on training images       (~8 min)
 # Times: threads=1 per job (studies are deterministic for it), measured with two or three
@@ -24,7 +25,7 @@ P=.venv/bin/python
 C="threads=1 progress=false logger.mode=disabled"
 S=outputs/study
 SEEDS="0 1 2 3 4"
-ALL="main interpret control fashion lenet resnet compress saturated"
+ALL="main interpret control fashion lenet resnet units compress saturated"
 
 run() {  # run <dir> <script> [overrides...]: skipped once done; resumes when interrupted
   local dir=$1; shift
@@ -94,6 +95,12 @@ study_resnet() {
       source.curves=$S/resnet_small-shapes_hard-global/seed0/curves.csv \
       layer_compression.enabled=false
 }
+study_units() {
+  run resnet_small-shapes_hard-units/seed0 experiments/prune.py experiment=resnet_small_units
+  run resnet_small-shapes_hard-units/compress experiments/compress.py model=resnet_small \
+      source.curves=$S/resnet_small-shapes_hard-units/seed0/curves.csv source.coupled=true \
+      layer_compression.enabled=false
+}
 study_compress() {
   for layer in conv1 conv2; do
     run alexnet_small-shapes_hard/compress_$layer experiments/compress.py \
@@ -111,6 +118,7 @@ declare -A FOLDER=([main]=alexnet_small-shapes_hard [interpret]=alexnet_small-sh
                    [control]=alexnet_small-shapes_hard_colorlabel
                    [fashion]=alexnet_small-fashion_mnist [lenet]=lenet5-fashion_mnist
                    [resnet]=resnet_small-shapes_hard-global
+                   [units]=resnet_small-shapes_hard-units
                    [compress]=alexnet_small-shapes_hard [saturated]=saturated-shapes)
 main() {
   for study in ${@:-$ALL}; do

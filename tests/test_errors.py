@@ -229,8 +229,11 @@ def test_model_without_prunable_layer(one_thread):
     # a conv whose channels reach the output: the reason is given
     head = nn.Sequential(nn.Conv2d(3, 6, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(CarlibError, match=r"this model \(Sequential\) has none: .*\(not "
-                                          r"prunable: 0: its channels reach output"):
+                                          r"prunable: 0: its channels reach no conv or linear "
+                                          r"layer\)"):
         car_scores(head, "conv1", data)
+    with pytest.raises(CarlibError, match=r"\(not prunable: 0: its channels reach output"):
+        car_scores(head, "conv1", iter(data))  # one-shot data: single-conv analysis only
     assert prunable_layers(nn.Sequential(nn.Flatten())) == []  # no parameters at all
 
 
