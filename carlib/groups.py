@@ -30,6 +30,8 @@ import torch
 import torch_pruning as tp
 from torch import fx, nn
 
+from carlib.evaluate import eval_mode
+
 KINDS = ("conv", "residual", "concat", "split", "gate", "depthwise", "grouped", "layernorm")
 
 
@@ -313,7 +315,8 @@ def check_zero(gm: fx.GraphModule, units: dict[str, Unit], masks: dict[str, Unit
     try:
         for m in masks.values():
             m.mask.zero_()
-        gm(example_input)
+        with eval_mode(gm):  # BatchNorm statistics used, not updated
+            gm(example_input)
     finally:
         for h in hooks:
             h.remove()

@@ -188,3 +188,13 @@ def test_taylor_and_l1_of_a_stream_unit() -> None:
     want = sum(model.get_submodule(c).weight.detach().abs().flatten(1).sum(1).double()
                for c in unit.convs)
     assert torch.allclose(scores, want[kept])
+
+
+def test_tracing_units_leaves_a_training_model_untouched() -> None:
+    """MaskedNet's zero check runs in eval mode: BatchNorm statistics and the mode stay."""
+    model = build_model("resnet_small", 6).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    MaskedNet(model, torch.randn(1, 3, 32, 32))
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -272,3 +272,35 @@ def test_device_option():
     if not gpu:
         with pytest.raises(CarlibError, match="no CUDA GPU"):
             device(OmegaConf.create({"device": "cuda"}))
+
+
+def test_network_preset_settings():
+    """experiment=resnet50_network: network-wide over every unit of ResNet-50, residual streams
+    included (method.layers=[all], resolved from the model)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from common import resolve_layers
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("prune", overrides=["experiment=resnet50_network"])
+    m = cfg.method
+    assert cfg.model.name == "resnet50" and cfg.model.weights == "IMAGENET1K_V1"
+    assert m.schedule == "global" and list(m.layers) == ["all"]
+    assert m.scoring.size % 1000 == 0 and m.k >= 1 and m.keep_fraction == 0.5
+    names = resolve_layers(cfg, build_model("resnet50", 1000).eval(), torch.zeros(1, 3, 64, 64))
+    assert list(cfg.method.layers) == names and len(names) == 37
+    for stream in ("layer1.0.conv3", "layer2.0.conv3", "layer3.0.conv3", "layer4.0.conv3"):
+        assert stream in names  # each stage's stream, named by its first conv
+
+
+def test_network_preset_end_to_end(imagenet, tmp_path):
+    """The network preset on the tiny tree, over the stem and layer1's residual stream (all
+    its conv3s and the downsample: 256 channels), one removal each for car and l1."""
+    res = _run("prune", tmp_path, "experiment=resnet50_network", f"data.root={imagenet}",
+               "model.weights=null", "train.epochs=0", "data.image_size=32", "data.n_test=null",
+               "data.batch_size=6", "method.scoring.size=4", "method.layers=[conv1,layer1.0.conv3]",
+               "method.criteria=[car,l1]", "method.n_remove=1", "method.k=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "prune" / "curves.csv")
+    assert sorted(set(df.criterion)) == ["car", "l1"]
+    assert df[df.step == 1].filters_remaining.eq(64 + 256 - 1).all()
+    assert set(df[df.step == 1].layer) <= {"conv1", "layer1.0.conv3"}
