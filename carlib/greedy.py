@@ -53,6 +53,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from carlib import groups
 from carlib.checkpointing import RunState
 from carlib.criteria import Criterion, get_criterion
 from carlib.errors import CarlibError
@@ -198,10 +199,16 @@ def random_keys(seed: int, step: int, layers: Sequence[str], sizes: Sequence[int
 
 
 def _mask_deps(net: MaskedNet, module: fx.GraphModule) -> list[str]:
-    """Prunable layers whose mask `module` reads."""
+    """Prunable layers whose mask `module` reads: a single-point unit's mask buffer, or a
+    multi-point unit's mask module (`carlib.groups.UnitMask`, also read by its LayerNorms)."""
     ids = {id(net.mask(name)): name for name in net.units}
-    return [ids[id(getattr(module, n.target))] for n in module.graph.nodes
-            if n.op == "get_attr" and n.users and id(getattr(module, n.target, None)) in ids]
+    found = []
+    for n in module.graph.nodes:
+        if n.op == "get_attr" and n.users:
+            found.append(id(getattr(module, n.target, None)))
+        elif n.op == "call_module":
+            found.extend(id(m) for m in groups.mask_buffers(module.get_submodule(n.target)))
+    return list(dict.fromkeys(ids[i] for i in found if i in ids))
 
 
 class _Cuts:

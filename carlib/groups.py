@@ -299,6 +299,16 @@ def insert(gm: fx.GraphModule, unit: Unit, attr: str, device: torch.device | Non
     return mask
 
 
+def mask_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """The unit mask buffers `module` reads when called: a UnitMask's own, a MaskedLayerNorm's
+    unit's; none for any other module."""
+    if isinstance(module, UnitMask):
+        return [module.mask]
+    if isinstance(module, MaskedLayerNorm):
+        return [module.unit[0].mask]
+    return []
+
+
 @torch.no_grad()
 def check_zero(gm: fx.GraphModule, units: dict[str, Unit], masks: dict[str, UnitMask],
                example_input: torch.Tensor) -> dict[str, str]:

@@ -198,3 +198,25 @@ def test_tracing_units_leaves_a_training_model_untouched() -> None:
     assert model.training
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_global_schedule_over_streams_fast_equals_naive() -> None:
+    """Network-wide over single-conv units and residual streams: a removal in an upstream
+    stream invalidates the cached prefixes of the units after it (their prefix reads the
+    stream's mask module), so the cached engine makes the naive reference's choices."""
+    model = build_model("resnet_small", 6).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    y[::2] = (y[::2] + 1) % 6
+    data = [(x[:8], y[:8]), (x[8:], y[8:])]
+    layers = ["layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2", "layer3.0.conv1"]
+    runs = [carlib.global_prune(model, layers, data, 12, "car", k=2, eval_data=data, mode=m,
+                                progress=False) for m in ("fast", "naive")]
+    fast, naive = (t.to_frame() for t in runs)
+    assert runs[0].removed_layers == runs[1].removed_layers
+    assert runs[0].removed == runs[1].removed
+    for col in ("score", "scoring_acc", "heldout_top1"):
+        assert fast[col].equals(naive[col]), col
+    assert "layer1.0.conv2" in runs[0].removed_layers  # the stream lost channels upstream
