@@ -24,8 +24,10 @@ from torch import nn
 
 import carlib
 
-# torchvision builder -> keyword arguments: classification CNNs with every unit kind.
+# torchvision builder -> keyword arguments: classification CNNs with every unit kind; and
+# ResNet-18 with GroupNorm (no torchvision classifier normalizes across channels in groups).
 MODELS: dict[str, dict] = {
+    "resnet18_groupnorm": {"norm_layer": lambda c: nn.GroupNorm(4, c)},
     "resnet18": {}, "resnet50": {}, "resnext50_32x4d": {}, "vgg11_bn": {}, "alexnet": {},
     "squeezenet1_1": {}, "mobilenet_v2": {}, "mobilenet_v3_small": {}, "efficientnet_b0": {},
     "regnet_y_400mf": {}, "mnasnet0_5": {}, "densenet121": {},
@@ -35,17 +37,20 @@ MODELS: dict[str, dict] = {
 
 
 def random_model(name: str, seed: int = 0) -> nn.Module:
-    """torchvision `name` (10 classes) with random weights and non-trivial BN statistics."""
+    """torchvision `name` (10 classes; `_groupnorm`: with GroupNorm) with random weights and
+    non-trivial BatchNorm statistics and norm affine parameters."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = getattr(torchvision.models, name)(num_classes=10, **MODELS.get(name, {}))
+        build = getattr(torchvision.models, name.removesuffix("_groupnorm"))
+        model = build(num_classes=10, **MODELS.get(name, {}))
     for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
     return model.eval()
 
 

@@ -11,14 +11,15 @@ coverage tests check this against torch-pruning's removal on torchvision models)
   (DenseNet's norm1, where a reader normalizes the concatenated channels);
 - the output of every writer conv (or Linear) not followed by a BN of the group: its bias;
 - every LayerNorm of the group (ConvNeXt's, across channels): replaced by `MaskedLayerNorm`,
-  whose mean and variance run over the kept channels only, as in the pruned network.
+  whose mean and variance run over the kept channels only, as in the pruned network; every
+  GroupNorm likewise (`MaskedGroupNorm`: each group's statistics over its kept channels).
 
 Where masked channels meet, the ops between are zero-preserving (ReLU, pooling, additions of
 masked writers, products with a masked operand as in SE gates, concatenation, split), which
 `check_zero` verifies on an example input: every consumer (conv/linear reading the channels)
 sees exact zeros. Units are labelled by what their group holds (`Unit.kind`): conv (one writer,
 masked once: the scoring engine's fast path applies), residual, concat, split, gate (SE),
-depthwise, grouped (a grouped conv reads them), layernorm.
+depthwise, grouped (a grouped conv reads them), layernorm, groupnorm.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from torch import fx, nn
 
 from carlib.evaluate import eval_mode
 
-KINDS = ("conv", "residual", "concat", "split", "gate", "depthwise", "grouped", "layernorm")
+KINDS = ("conv", "residual", "concat", "split", "gate", "depthwise", "grouped", "layernorm",
+         "groupnorm")
+_CHANNELWISE = (nn.BatchNorm2d, nn.InstanceNorm2d)  # a zero channel becomes its bias: mask after
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class MaskPoint:
     """Where a unit is masked: the output of fx node `node` (module `module`), along `dim`.
 
     `index[i]` is the channel there of unit channel i (None: the same i, all `channels` of
-    it); `norm`: the node is a LayerNorm whose statistics must skip removed channels.
+    it); `norm`: the node is a LayerNorm or GroupNorm whose statistics must skip removed
+    channels.
     """
 
     node: str
@@ -109,6 +113,8 @@ def _tags(items: Sequence, dg: tp.DependencyGraph) -> set[str]:
                      else "grouped")
         elif isinstance(mod, nn.LayerNorm):
             tags.add("layernorm")
+        elif isinstance(mod, nn.GroupNorm):
+            tags.add("groupnorm")
     return tags
 
 
@@ -170,9 +176,9 @@ def _unit(name: str, n: int, items: Sequence, dg: tp.DependencyGraph,
             reads.append((mname, tuple(int(i) for i in idxs)))
         elif isinstance(mod, nn.Conv2d) and out:
             outs.append(mname)
-        elif isinstance(mod, (nn.GroupNorm, nn.LocalResponseNorm)) or (
+        elif isinstance(mod, nn.LocalResponseNorm) or (
                 isinstance(mod, nn.modules.batchnorm._NormBase)
-                and not isinstance(mod, nn.BatchNorm2d)):
+                and not isinstance(mod, _CHANNELWISE)):
             return None, f"{type(mod).__name__} {mname} normalizes across its channels"
         elif isinstance(mod, nn.Linear) and out:
             outs.append(mname)
@@ -183,8 +189,8 @@ def _unit(name: str, n: int, items: Sequence, dg: tp.DependencyGraph,
         mod, mname = dep.target.module, names.get(dep.target.module)
         if mname is None or not dg.is_out_channel_pruning_fn(dep.handler):
             continue
-        norm = isinstance(mod, nn.LayerNorm)
-        if not isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) and not norm:
+        norm = isinstance(mod, (nn.LayerNorm, nn.GroupNorm))
+        if not isinstance(mod, (nn.Conv2d, nn.Linear, *_CHANNELWISE)) and not norm:
             continue
         nodes = calls.get(mname, [])
         if len(nodes) != 1:
@@ -193,19 +199,21 @@ def _unit(name: str, n: int, items: Sequence, dg: tp.DependencyGraph,
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             users = list(node.users)
             if (len(users) == 1 and users[0].op == "call_module"
-                    and isinstance(modules[users[0].target], nn.BatchNorm2d)
+                    and isinstance(modules[users[0].target], (*_CHANNELWISE, nn.GroupNorm))
                     and any(names.get(d.target.module) == users[0].target for d, _ in items)):
-                continue  # its BN is a mask point
+                continue  # its norm is a mask point
         channels = (mod.out_channels if isinstance(mod, nn.Conv2d)
                     else mod.out_features if isinstance(mod, nn.Linear)
-                    else mod.num_features if isinstance(mod, nn.BatchNorm2d)
+                    else mod.num_features if isinstance(mod, _CHANNELWISE)
+                    else mod.num_channels if isinstance(mod, nn.GroupNorm)
                     else mod.normalized_shape[-1])
-        if norm and len(mod.normalized_shape) != 1:
+        if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) != 1:
             return Unit(name, n, "", convs=convs), f"LayerNorm {mname} normalizes several dims"
         idx = tuple(int(i) for i in idxs)
         if len(idx) != n:
             return Unit(name, n, "", convs=convs), f"{mname} maps {n} channels to {len(idx)}"
-        dim = 1 if isinstance(mod, (nn.Conv2d, nn.BatchNorm2d)) or _is_layernorm2d(mod) else -1
+        dim = (1 if isinstance(mod, (nn.Conv2d, *_CHANNELWISE, nn.GroupNorm))
+               or _is_layernorm2d(mod) else -1)
         points.append(MaskPoint(node.name, mname, channels, dim,
                                 None if idx == tuple(range(channels)) else idx, norm))
     if not points:
@@ -281,6 +289,30 @@ class MaskedLayerNorm(nn.Module):
         return (y * m).movedim(-1, dim)
 
 
+class MaskedGroupNorm(MaskedLayerNorm):
+    """A GroupNorm whose group statistics skip removed channels (a removed channel leaves its
+    group, as in the pruned network), output zero there; the plain GroupNorm while nothing is
+    removed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.unit[0]
+        if mask.rows is None and bool(mask.mask.all()):
+            return self.norm(x)
+        norm, groups = self.norm, self.norm.num_groups
+        n, c = x.shape[:2]
+        m = mask.shaped(self.point, x)  # (1 or R, C, 1, ...)
+        xg = x.reshape(n, groups, c // groups, -1)
+        mg = m.reshape(len(m), groups, c // groups, 1)
+        count = (mg.sum((2, 3), keepdim=True) * xg.shape[-1]).clamp_min(1)
+        mean = (xg * mg).sum((2, 3), keepdim=True) / count
+        var = ((xg - mean) ** 2 * mg).sum((2, 3), keepdim=True) / count
+        y = ((xg - mean) * torch.rsqrt(var + norm.eps)).reshape(x.shape)
+        if norm.affine:
+            shape = [1, c] + [1] * (x.dim() - 2)
+            y = y * norm.weight.view(shape) + norm.bias.view(shape)
+        return y * m
+
+
 def insert(gm: fx.GraphModule, unit: Unit, attr: str, device: torch.device | None) -> UnitMask:
     """Insert `unit`'s mask at each of its points of `gm` (a UnitMask registered as `attr`)."""
     mask = UnitMask(unit, device)
@@ -290,7 +322,9 @@ def insert(gm: fx.GraphModule, unit: Unit, attr: str, device: torch.device | Non
         node = nodes[p.node]
         if p.norm:
             norm_attr = f"{attr}_norm{i}"
-            gm.add_submodule(norm_attr, MaskedLayerNorm(gm.get_submodule(node.target), mask, i))
+            module = gm.get_submodule(node.target)
+            cls = MaskedGroupNorm if isinstance(module, nn.GroupNorm) else MaskedLayerNorm
+            gm.add_submodule(norm_attr, cls(module, mask, i))
             node.target = norm_attr
             continue
         with gm.graph.inserting_after(node):
@@ -304,7 +338,7 @@ def mask_buffers(module: nn.Module) -> list[torch.Tensor]:
     unit's; none for any other module."""
     if isinstance(module, UnitMask):
         return [module.mask]
-    if isinstance(module, MaskedLayerNorm):
+    if isinstance(module, MaskedLayerNorm):  # or MaskedGroupNorm
         return [module.unit[0].mask]
     return []
 

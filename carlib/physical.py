@@ -154,7 +154,7 @@ def _prune_inplace(model: nn.Module, removed: Mapping[str, Sequence[int]],
             others = ", ".join(c for c in unit.convs if c != layer)
             raise CarlibError(f"'{layer}' is residual-coupled: its channels are removed together "
                               f"with those of {others} (one torch-pruning group); use "
-                              "prune_coupled")
+                              "prune_coupled (experiments/compress.py: source.coupled=true)")
         for c in unit.convs:
             if c in owner:
                 raise CarlibError(f"'{layer}' and '{owner[c]}' are in one coupled unit; give its "

@@ -24,7 +24,9 @@ from unit_coverage import MODELS as ALL_MODELS  # noqa: E402
 from unit_coverage import random_model  # noqa: E402
 
 SIZE = 64  # input side: small enough for a CPU, large enough for every model's downsampling
-MODELS = [m for m in ALL_MODELS if not m.startswith("shufflenet")]  # see test_shufflenet_...
+# ShuffleNetV2: see test_shufflenet_...; GroupNorm: torch-pruning cannot remove one channel of a
+# group (test_masked_groupnorm_... checks it by hand)
+MODELS = [m for m in ALL_MODELS if not m.startswith("shufflenet") and "groupnorm" not in m]
 
 
 def physical(model: nn.Module, unit: str, channels: list[int], x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +78,7 @@ def test_coverage_and_masking_equals_removal(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["resnet50", "densenet121", "efficientnet_b0", "convnext_tiny",
-                                  "regnet_y_400mf", "alexnet"])
+                                  "regnet_y_400mf", "alexnet", "resnet18_groupnorm"])
 def test_engine_counts_equal_naive(name: str) -> None:
     """On sampled units (a plain conv unit too), fast and plain tallies equal the naive one."""
     model = random_model(name, seed=3)
@@ -220,3 +222,42 @@ def test_global_schedule_over_streams_fast_equals_naive() -> None:
     for col in ("score", "scoring_acc", "heldout_top1"):
         assert fast[col].equals(naive[col]), col
     assert "layer1.0.conv2" in runs[0].removed_layers  # the stream lost channels upstream
+
+
+def test_masked_groupnorm_equals_uneven_groups_by_hand() -> None:
+    """A channel removed before a GroupNorm leaves its group: the masked network equals a
+    hand-written pruned one (the conv without the filter, each group normalized over its
+    remaining channels, the consumer without the input channel)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 5)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 3, 8, 8)
+    net = MaskedNet(model, x[:1])
+    unit = net.unit("0")
+    assert unit.kind == "groupnorm" and unit.multi
+    removed = [1, 6]
+    net.remove("0", removed)
+    keep = [c for c in range(8) if c not in removed]
+    with torch.no_grad():
+        got = net(x)
+        h = model[0](x)[:, keep]
+        gn = model[1]
+        out = torch.empty_like(h)
+        for g in range(2):
+            cols = [i for i, c in enumerate(keep) if c // 4 == g]
+            part = h[:, cols]
+            mean = part.mean((1, 2, 3), keepdim=True)
+            var = part.var((1, 2, 3), unbiased=False, keepdim=True)
+            w = gn.weight[[keep[i] for i in cols]].view(1, -1, 1, 1)
+            b = gn.bias[[keep[i] for i in cols]].view(1, -1, 1, 1)
+            out[:, cols] = (part - mean) / torch.sqrt(var + gn.eps) * w + b
+        conv = model[3]
+        y = torch.nn.functional.conv2d(out.relu(), conv.weight[:, keep], conv.bias)
+        want = model[5](y.flatten(1))
+    assert torch.allclose(got, want, atol=1e-5)
+    net.mask("0").fill_(1)
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))  # nothing removed: the plain GroupNorm
