@@ -12,7 +12,7 @@
 #   fashion    alexnet_small on Fashion-MNIST (real images), seeds 0-2        (~35 min)
 #   lenet      LeNet-5 on Fashion-MNIST, seeds 0-4                            (~17 min)
 #   resnet     small ResNet, network-wide over 7 single-conv layers, seed 0   (~45 min)
-#   units      small ResNet, network-wide over every unit (residual streams), seeds 0-1 (~80 min)
+#   units      small ResNet, network-wide over every unit (residual streams), seeds 0-2 (~2 h)
 #   compress   retraining and layer compression of the main seed-0 CAR runs   (~5 min)
 #   saturated  the contrast: the old easy task scored on training images       (~8 min)
 # Times: threads=1 per job (studies are deterministic for it), measured with two or three
@@ -96,7 +96,7 @@ study_resnet() {
       layer_compression.enabled=false
 }
 study_units() {
-  for s in 0 1; do
+  for s in 0 1 2; do
     run resnet_small-shapes_hard-units/seed$s experiments/prune.py experiment=resnet_small_units \
         seed=$s
   done
