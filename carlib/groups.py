@@ -134,6 +134,7 @@ def group_units(model: nn.Module, gm: fx.GraphModule, example_input: torch.Tenso
     names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
     calls = _calls(gm)
+    order = {nd.name: i for i, nd in enumerate(gm.graph.nodes)}
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     units, excluded, covered = {}, {}, set()
     for name in convs:
@@ -150,7 +151,8 @@ def group_units(model: nn.Module, gm: fx.GraphModule, example_input: torch.Tenso
         except Exception as e:  # noqa: BLE001
             excluded[name] = f"torch-pruning has no group for it ({str(e).splitlines()[0]})"
             continue
-        unit, why = _unit(name, conv.out_channels, group.items, dg, names, modules, calls)
+        unit, why = _unit(name, conv.out_channels, group.items, dg, names, modules, calls,
+                          order)
         members = unit.convs if unit is not None else (name,)
         covered.update(members)
         if why is not None:
@@ -158,13 +160,14 @@ def group_units(model: nn.Module, gm: fx.GraphModule, example_input: torch.Tenso
                 excluded[m] = why
         else:
             units[name] = unit
-    order = {n: i for i, n in enumerate(convs)}
-    return dict(sorted(units.items(), key=lambda kv: order[kv[0]])), excluded
+    rank = {n: i for i, n in enumerate(convs)}
+    return dict(sorted(units.items(), key=lambda kv: rank[kv[0]])), excluded
 
 
 def _unit(name: str, n: int, items: Sequence, dg: tp.DependencyGraph,
           names: dict[nn.Module, str], modules: dict[str, nn.Module],
-          calls: dict[str, list[fx.Node]]) -> tuple[Unit | None, str | None]:
+          calls: dict[str, list[fx.Node]], order: dict[str, int]
+          ) -> tuple[Unit | None, str | None]:
     """The unit of conv `name`'s group `items`, or (unit or None, why it cannot be masked)."""
     outs, consumers, points, reads = [], [], [], []
     for dep, idxs in items:
@@ -220,7 +223,6 @@ def _unit(name: str, n: int, items: Sequence, dg: tp.DependencyGraph,
         return Unit(name, n, "", convs=convs), "no BatchNorm, conv or LayerNorm output to mask"
     tags = _tags(items, dg)
     kind = "+".join(k for k in KINDS if k in tags) or "conv"
-    order = {nd.name: i for i, nd in enumerate(next(iter(calls.values()))[0].graph.nodes)}
     points.sort(key=lambda p: order[p.node])
     return Unit(name, n, points[0].node, sorted(set(consumers)), kind, convs, tuple(points),
                 tuple(reads)), None

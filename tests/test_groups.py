@@ -126,14 +126,19 @@ def test_units_of_resnet_small() -> None:
     assert set(stream.convs) == {"layer1.0.conv2", "layer1.0.downsample.0", "layer1.1.conv2"}
 
 
-def test_greedy_on_a_residual_stream_fast_equals_naive() -> None:
+def small_resnet_data(n: int, seed: int, every: int) -> tuple[nn.Module, list]:
+    """resnet_small (random weights) and two batches of n/2 random images, labelled with its
+    own predictions except every `every`-th (the next class): some right, some wrong."""
     model = build_model("resnet_small", 6).eval()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(12, 3, 32, 32, generator=g)
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         y = model(x).argmax(-1)
-    y[::3] = (y[::3] + 1) % 6
-    data = [(x[:6], y[:6]), (x[6:], y[6:])]
+    y[::every] = (y[::every] + 1) % 6
+    return model, [(x[:n // 2], y[:n // 2]), (x[n // 2:], y[n // 2:])]
+
+
+def test_greedy_on_a_residual_stream_fast_equals_naive() -> None:
+    model, data = small_resnet_data(12, seed=0, every=3)
     runs = [carlib.greedy_prune(model, "layer2.0.conv2", data, 28, "car", mode=m, progress=False)
             for m in ("fast", "naive")]
     assert runs[0].removed == runs[1].removed and len(runs[0].removed) == 4
@@ -206,13 +211,7 @@ def test_global_schedule_over_streams_fast_equals_naive() -> None:
     """Network-wide over single-conv units and residual streams: a removal in an upstream
     stream invalidates the cached prefixes of the units after it (their prefix reads the
     stream's mask module), so the cached engine makes the naive reference's choices."""
-    model = build_model("resnet_small", 6).eval()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(16, 3, 32, 32, generator=g)
-    with torch.no_grad():
-        y = model(x).argmax(-1)
-    y[::2] = (y[::2] + 1) % 6
-    data = [(x[:8], y[:8]), (x[8:], y[8:])]
+    model, data = small_resnet_data(16, seed=1, every=2)
     layers = ["layer1.0.conv2", "layer2.0.conv1", "layer2.0.conv2", "layer3.0.conv1"]
     runs = [carlib.global_prune(model, layers, data, 12, "car", k=2, eval_data=data, mode=m,
                                 progress=False) for m in ("fast", "naive")]
