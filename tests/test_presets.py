@@ -251,7 +251,10 @@ def test_preset_on_cuda(imagenet, pruned, tmp_path):
 
 
 def _common():
-    """experiments/common.py as a module (the scripts import it by path)."""
+    """experiments/common.py as a module (the scripts import it by path; it imports its
+    neighbours, e.g. ranks, as the scripts do)."""
+    if str(ROOT / "experiments") not in sys.path:
+        sys.path.insert(0, str(ROOT / "experiments"))
     spec = importlib.util.spec_from_file_location("experiments_common",
                                                   ROOT / "experiments" / "common.py")
     module = importlib.util.module_from_spec(spec)
@@ -277,8 +280,7 @@ def test_device_option():
 def test_network_preset_settings():
     """experiment=resnet50_network: network-wide over every unit of ResNet-50, residual streams
     included (method.layers=[all], resolved from the model)."""
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from common import resolve_layers
+    resolve_layers = _common().resolve_layers
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("prune", overrides=["experiment=resnet50_network"])
