@@ -1,7 +1,8 @@
-"""CAR scoring with 1 process against P processes (torchrun, gloo/nccl): time and identity.
+"""CAR scoring with 1 process against P processes (torchrun, gloo): time and identity.
 
 Launches `torch.distributed.run --nproc_per_node=1` and `=P` on this script in worker mode;
-each worker scores its shard of the batches with the engine and all-reduces the Tally. The
+each worker scores its batches of the scoring set (`carlib.shards`: every P-th batch) with the
+engine, which adds the tallies up over the processes exactly. The
 CPU threads are split evenly (OMP_NUM_THREADS = cores / processes); 1 process with that many
 threads is timed too. P = $PROCS (default 2); the other flags are car_speed.py's.
 
@@ -26,32 +27,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from car_speed import load, make_case, parse_args  # noqa: E402
 
-from carlib.distributed import all_reduce_tally, init_from_env, shard  # noqa: E402
+from carlib.decoded import Images  # noqa: E402
+from carlib.distributed import barrier, join, leave  # noqa: E402
 from carlib.graph import MaskedNet  # noqa: E402
 from carlib.scoring import LayerData, tally  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Score every listed layer on this process's shard; rank 0 prints one JSON line."""
-    rank, world = init_from_env()
+    """Score every listed layer on this process's batches; rank 0 prints one JSON line."""
+    rank, world = join()
     model, data, _ = make_case(args)
     net = MaskedNet(model)
-    mine = shard(data, rank, world)
+    images = Images(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]),
+                    args.batch, args.device)
+    mine = images.split(rank, world)
     out = {}
-    if world > 1:
-        torch.distributed.barrier()
+    barrier()
     t0 = time.perf_counter()
     for layer in args.layers or list(net.units):
         n = net.unit(layer).num_filters
         cands = list(range(min(n, args.max_candidates or n)))
-        t = all_reduce_tally(tally(LayerData(net, layer, mine, cache=False), cands,
-                                   chunk=args.chunk, max_bytes=args.max_bytes))
-        out[layer] = t.correct.tolist()
+        t = tally(LayerData(net, layer, mine, cache=False), cands, chunk=args.chunk,
+                  max_bytes=args.max_bytes)
+        out[layer] = [t.correct.tolist(), t.loss.tolist(), t.base_loss]
     seconds = time.perf_counter() - t0
     if rank == 0:
-        print(json.dumps({"world": world, "seconds": seconds, "correct": out}), flush=True)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+        print(json.dumps({"world": world, "seconds": seconds, "tally": out}), flush=True)
+    leave()
 
 
 def launch(procs: int, threads: int, argv: list[str]) -> dict:
@@ -76,11 +78,11 @@ def main() -> None:
     share = max(1, cores // procs)
     configs = dict.fromkeys([(1, cores), (1, share), (procs, share)])
     runs = {(p, th): launch(p, th, argv) for p, th in configs}
-    base = runs[(1, cores)]
+    base, same = runs[(1, cores)], runs[(1, share)]  # same: the float order of P x share
     for (p, th), r in runs.items():
         print(f"{p} process(es) x {th} thread(s): {r['seconds']:8.2f} s  "
               f"speed-up vs 1 x {cores}: {base['seconds'] / r['seconds']:5.2f}  "
-              f"counts identical to 1 process: {r['correct'] == base['correct']}")
+              f"tally = 1 x {share} (counts, loss bits): {r['tally'] == same['tally']}")
     print(f"# load after: {load()}")
 
 

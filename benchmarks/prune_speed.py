@@ -2,13 +2,16 @@
 
 The model is trained once (untimed) into a temporary cache; then the same run is timed, each
 from start to exit, as 1 process x 1 thread, 1 process x P threads and P processes x 1 thread
-(torchrun, gloo; its greedy runs divided over the processes). Prints one row per setting:
-wall seconds, speed-up against 1 x 1, each rank's greedy-run seconds (the sum of its runs'
-times as printed) and whether curves.csv is byte-identical to the 1 x 1 run's. `--logs DIR`
-keeps each run's output there.
+(torchrun, gloo), the latter both ways prune.py spreads a job: `distribute=images` (each rank
+scores its batches of the scoring and held-out sets in every run) and `distribute=runs`
+(whole greedy runs divided over the ranks). Prints one row per setting: wall seconds,
+speed-up against 1 x 1, the greedy-run seconds (the sum of the runs' times as printed; per
+rank where runs are divided) and whether curves.csv is byte-identical to the 1 x 1 run's.
+`--logs DIR` keeps each run's output there.
 
 Reduced default: the default config with half the scoring images (500) and half the held-out
-images (1,000); extra arguments are overrides. P = --procs (default 2).
+images (1,000), in batches of 250 (so each of 2 processes holds scoring batches); extra
+arguments are overrides. P = --procs (default 2).
 
     python benchmarks/prune_speed.py
     python benchmarks/prune_speed.py --procs 2 --logs /tmp/logs method.criteria=[car,l1]
@@ -27,7 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REDUCED = ["method.scoring.size=500", "data.n_test=1000"]
+REDUCED = ["method.scoring.size=500", "data.n_test=1000", "data.batch_size=250"]
 
 
 def prune(tmp: Path, name: str, procs: int, threads: int, overrides: list[str],
@@ -65,19 +68,22 @@ def main() -> int:
         tmp = Path(t)
         prune(tmp, "train", 1, n, [*overrides, "method.layers=[conv2]", "method.criteria=[l1]",
                                    "method.rank_agreement=false", "method.per_class=false"])
-        rows = {(1, 1): prune(tmp, "p1t1", 1, 1, overrides, args.logs),
-                (1, n): prune(tmp, f"p1t{n}", 1, n, overrides, args.logs),
-                (n, 1): prune(tmp, f"p{n}t1", n, 1, overrides, args.logs)}
-    base = rows[(1, 1)]
+        rows = {(1, 1, ""): prune(tmp, "p1t1", 1, 1, overrides, args.logs),
+                (1, n, ""): prune(tmp, f"p1t{n}", 1, n, overrides, args.logs)}
+        for how in ("images", "runs"):
+            rows[(n, 1, how)] = prune(tmp, f"p{n}t1-{how}", n, 1,
+                                      [*overrides, f"distribute={how}"], args.logs)
+    base = rows[(1, 1, "")]
     print(f"# prune.py {' '.join([*REDUCED, *overrides])}; model cached")
-    print(f"{'setting':>22} {'wall_s':>7} {'speed-up':>8} {'runs_s (per rank)':>18}  "
+    print(f"{'setting':>30} {'wall_s':>7} {'speed-up':>8} {'runs_s (per rank)':>18}  "
           "curves.csv = 1 x 1")
-    for (procs, threads), r in rows.items():
-        print(f"{f'{procs} proc x {threads} thread':>22} {r['wall']:7.1f} "
-              f"{base['wall'] / r['wall']:8.2f} {r['runs_s']:>18}  "
-              f"{r['curves'] == base['curves']}")
-    two = rows[(n, 1)]
-    print(f"# {n} x 1 vs 1 x {n}: {rows[(1, n)]['wall'] / two['wall']:.2f}x")
+    for (procs, threads, how), r in rows.items():
+        setting = f"{procs} proc x {threads} thread" + (f", {how}" if how else "")
+        print(f"{setting:>30} {r['wall']:7.1f} {base['wall'] / r['wall']:8.2f} "
+              f"{r['runs_s']:>18}  {r['curves'] == base['curves']}")
+    for how in ("images", "runs"):
+        print(f"# {n} x 1 ({how}) vs 1 x {n}: "
+              f"{rows[(1, n, '')]['wall'] / rows[(n, 1, how)]['wall']:.2f}x")
     return 0
 
 

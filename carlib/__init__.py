@@ -1,6 +1,6 @@
 """carlib: CAR (Classification Accuracy Reduction) greedy filter pruning of CNNs."""
 
-__version__ = "0.5.0"  # part of resume-state keys: bump when scores or traces change
+__version__ = "0.6.0"  # part of resume-state keys: bump when scores or traces change
 
 from carlib.errors import CarlibError
 from carlib.graph import MaskedNet, coverage, prunable_layers, units

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carlib import shards
 from carlib.errors import CarlibError
 from carlib.evaluate import hits, losses, topk_of
 from carlib.graph import MaskedNet
@@ -155,20 +156,21 @@ def relu_follows(net: MaskedNet, layer: str) -> bool:
 
 def _channel_mean(net: MaskedNet, layer: str, cut: LayerData, kept: list[int],
                   stat: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Mean of stat(a) over scoring images and positions, per kept channel (float64).
+    """Mean of stat(a) over scoring images and positions, per kept channel (float64; batch
+    sums added in batch order, over all processes where the data is split: `carlib.shards`).
 
     a = the channel at its mask point, through ReLU where one follows (see module docstring).
     """
     act = torch.relu if relu_follows(net, layer) else (lambda t: t)
-    total = torch.zeros(len(kept), dtype=torch.float64)
-    count = 0
+    rows, count = [], 0
     for (h, *_), _y in cut:
         a = act(h[:, kept]).transpose(0, 1).reshape(len(kept), -1)
-        total += stat(a).double().sum(1).cpu()
+        rows.append(stat(a).double().sum(1))
         count += a.shape[1]
     if count == 0:
         raise CarlibError("the scoring set is empty; check method.scoring.size")
-    return total / count
+    (count,) = shards.counts(cut.data, [torch.tensor(count)])
+    return shards.fold(cut.data, rows) / int(count)
 
 
 def mean_activation(net: MaskedNet, layer: str, cut: LayerData, kept: list[int],
@@ -197,9 +199,9 @@ def _gated(net: MaskedNet, layer: str, cut: LayerData, gate: torch.Tensor, h: to
 
 
 def taylor(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
-    """First-order Taylor importance (Molchanov et al. 2019): mean over batches of G_b(c)^2."""
-    total = torch.zeros(net.unit(layer).num_filters, dtype=torch.float64)
-    batches, n, correct, loss_sum = 0, 0, 0, 0.0
+    """First-order Taylor importance (Molchanov et al. 2019): mean over batches of G_b(c)^2
+    (over all processes' batches where the data is split: `carlib.shards`)."""
+    rows, n, correct = [], 0, 0
     for (h, *extras), y in cut:
         with torch.enable_grad():
             gate = torch.ones(1, h.shape[1], *[1] * (h.dim() - 2), dtype=h.dtype,
@@ -207,16 +209,18 @@ def taylor(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: 
             logits = _gated(net, layer, cut, gate, h, extras)
             loss = F.cross_entropy(logits, y)
             (g,) = torch.autograd.grad(loss, gate)
-        total += g.flatten().double().cpu() ** 2
-        batches += 1
         n += len(y)  # the forward pass also measured the network: a base-only tally
         correct += int(hits(logits.detach(), y, topk_of(metric)).sum())
-        loss_sum += float(losses(logits.detach(), y).sum())
-    if batches == 0:
+        rows.append(torch.cat([g.flatten().double() ** 2,
+                               losses(logits.detach(), y).sum().view(1)]))
+    if not rows:
         raise CarlibError("the scoring set is empty; check method.scoring.size")
+    total = shards.fold(cut.data, rows)
+    batches, n, correct = (int(v) for v in shards.counts(cut.data, [
+        torch.tensor([len(rows), n, correct])])[0])
     base = Tally([], n, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
-                 correct, loss_sum)
-    return (total / batches)[kept], base
+                 correct, float(total[-1]))
+    return (total[:-1] / batches)[kept], base
 
 
 def make_random(seed: int, layers: Sequence[str] | None = None) -> ScoreFn:

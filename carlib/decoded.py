@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from carlib.errors import CarlibError, writing
+from carlib.shards import Shard, split
 
 
 class ToNormalized:
@@ -62,14 +63,18 @@ def uint8_view(dataset: Dataset) -> tuple[Dataset, ToNormalized] | None:
 class Images:
     """A decoded image set: `images` (N x C x H x W; uint8 to be normalized by `finish`, or
     float, used as they are) and int64 `targets`, iterated in batches of `batch_size` on
-    `device`. Iterable any number of times; `len` is the number of batches."""
+    `device`. Iterable any number of times; `len` is the number of batches. With `shard`
+    (`carlib.shards.Shard`), the images are this process's batches of a set split over
+    processes, in order; passes over it give totals over the whole set."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int,
-                 device: torch.device | str = "cpu", finish: ToNormalized | None = None) -> None:
+                 device: torch.device | str = "cpu", finish: ToNormalized | None = None,
+                 shard: Shard | None = None) -> None:
         if images.dtype == torch.uint8 and finish is None:
             raise CarlibError("uint8 images need the normalization step (finish=ToNormalized)")
         self.images, self.targets, self.finish = images, targets.long(), finish
         self.batch_size, self.device = int(batch_size), torch.device(device)
+        self.shard = shard
 
     def __len__(self) -> int:
         return -(-len(self.targets) // self.batch_size)
@@ -85,7 +90,19 @@ class Images:
 
     def to(self, device: torch.device | str) -> Images:
         """The same images, batches given on `device`."""
-        return Images(self.images, self.targets, self.batch_size, device, self.finish)
+        return Images(self.images, self.targets, self.batch_size, device, self.finish,
+                      self.shard)
+
+    def split(self, rank: int, world: int, what: str = "scoring set") -> Images:
+        """This process's batches of the whole set (`carlib.shards.split`); itself alone."""
+        if world == 1:
+            return self
+        if self.shard is not None:
+            raise CarlibError("these images are already one process's share of a split set")
+        shard = split(len(self.targets), self.batch_size, rank, world, what)
+        idx = shard.indices(len(self.targets), self.batch_size)
+        return Images(self.images[idx], self.targets[idx], self.batch_size, self.device,
+                      self.finish, shard)
 
     @property
     def nbytes(self) -> int:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carlib import shards
 from carlib.errors import CarlibError
 from carlib.precision import float32_exact
 
@@ -61,26 +62,29 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def image_hits(model: nn.Module, data: Iterable, k: int = 1) -> torch.Tensor:
-    """Bool per image of `data` (in order, on the CPU): the target is among the model's top-k."""
+    """Bool per image of `data` (in order, on the CPU): the target is among the model's top-k.
+    Where `data` is split over processes (`carlib.shards`): every image of the whole set."""
     with eval_mode(model):
         out = [hits(model(x), y, k).cpu() for x, y in data]
     if not out:
         raise CarlibError("evaluation data is empty; check the dataset and subset sizes")
-    return torch.cat(out)
+    return torch.cat(shards.in_order(data, out))
 
 
 @torch.no_grad()
 @float32_exact()
 def evaluate(model: nn.Module, data: Iterable) -> dict[str, float]:
-    """top1, top5 (fractions), mean cross-entropy and n of `model` on `data` batches."""
-    n, c1, c5, loss = 0, 0, 0, 0.0
+    """top1, top5 (fractions), mean cross-entropy and n of `model` on `data` batches (all
+    processes' batches where `data` is split, `carlib.shards`)."""
+    counts, rows = torch.zeros(3, dtype=torch.long), []
     with eval_mode(model):
         for x, y in data:
             out = model(x)
-            n += len(y)
-            c1 += int(hits(out, y, 1).sum())
-            c5 += int(hits(out, y, 5).sum())
-            loss += float(losses(out, y).sum())
-    if n == 0:
+            counts += torch.stack([torch.tensor(len(y)), hits(out, y, 1).sum().cpu(),
+                                   hits(out, y, 5).sum().cpu()])
+            rows.append(losses(out, y).sum())
+    if not rows:
         raise CarlibError("evaluation data is empty; check the dataset and subset sizes")
-    return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n, "n": n}
+    (counts,) = shards.counts(data, [counts])
+    n, c1, c5 = counts.tolist()
+    return {"top1": c1 / n, "top5": c5 / n, "loss": float(shards.fold(data, rows)) / n, "n": n}

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from carlib import cache
+from carlib import cache, shards
 from carlib.cache import CachePlan
 from carlib.errors import CarlibError
 from carlib.evaluate import check_metric, eval_mode, hits, losses, model_device, topk_of
@@ -421,7 +421,9 @@ class TallyMemo:
 
 class _Counts:
     """Accumulates a Tally from logits, batch by batch, on the logits' device (`tally` copies
-    the totals to the host: one sync)."""
+    the totals to the host: one sync). Loss sums are kept per batch (`end_batch`) and added
+    up in batch order (`carlib.shards.fold`), so a set split over processes gives the same
+    bits as one process."""
 
     def __init__(self, candidates: list[int], k: int, per_class: bool) -> None:
         self.candidates, self.k, self.per_class = list(candidates), k, per_class
@@ -437,9 +439,9 @@ class _Counts:
         self.correct = torch.zeros(m, dtype=long, device=device)
         self.lost = torch.zeros(m, dtype=long, device=device)
         self.gained = torch.zeros(m, dtype=long, device=device)
-        self.loss = torch.zeros(m, dtype=torch.float64, device=device)
         self.base_correct = torch.zeros((), dtype=long, device=device)
-        self.base_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss = torch.zeros(m + 1, dtype=torch.float64, device=device)  # this batch's,
+        self.loss_rows: list[torch.Tensor] = []  # then one row per batch; last: the base's
 
     def _by_class(self, hit: torch.Tensor, y: torch.Tensor, classes: int) -> torch.Tensor:
         """Hits (m, b) summed per target class: (m, classes)."""
@@ -457,7 +459,7 @@ class _Counts:
         self.base_hit = hit
         self.n += len(y)
         self.base_correct += hit.sum()
-        self.base_loss += losses(logits, y).sum()
+        self.loss[-1] += losses(logits, y).sum()
         if self.per_class:
             by_class = self._by_class(hit[None], y, logits.shape[-1])[0]
             self.base_cpc += by_class
@@ -474,13 +476,21 @@ class _Counts:
             by_class = self._by_class(hit, y, logits.shape[-1])
             self.cpc[sl] += by_class
 
-    def tally(self) -> Tally:
-        def host(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.cpu()
+    def end_batch(self) -> None:
+        """Close the batch's loss sums (a batch may come in several image chunks)."""
+        self.loss_rows.append(self.loss)
+        self.loss = torch.zeros_like(self.loss)
 
-        return Tally(self.candidates, self.n, host(self.correct), host(self.loss),
-                     int(self.base_correct), float(self.base_loss), host(self.cpc),
-                     host(self.base_cpc), self.rechecked, host(self.lost), host(self.gained))
+    def tally(self, data: object = None) -> Tally:
+        """The totals over `data`'s batches (over all processes where it is split,
+        `carlib.shards`)."""
+        per_class = [self.cpc, self.base_cpc] if self.cpc is not None else []
+        n, base, rechecked, correct, lost, gained, *cpc = shards.counts(data, [
+            torch.tensor([self.n]), self.base_correct, torch.tensor([self.rechecked]),
+            self.correct, self.lost, self.gained, *per_class])
+        loss = shards.fold(data, self.loss_rows)
+        return Tally(self.candidates, int(n), correct, loss[:-1], int(base), float(loss[-1]),
+                     *(cpc or [None, None]), int(rechecked), lost, gained)
 
 
 class _Peak(fx.Interpreter):
@@ -581,17 +591,19 @@ class _Engine:
         return self.split.rest(*outs, *reps).view(m, b, -1)
 
     def tolerance(self, out: torch.Tensor, probe: Callable[[], torch.Tensor],
-                  rtol: float | None, precision: str = "float32") -> float:
+                  rtol: float | None, precision: str = "float32",
+                  agree: Callable[[float], float] = lambda err: err) -> float:
         """The guard's tolerance: `rtol` if given, else the larger of a floor and a multiple
         of the relative error of fast logits `out` against the plain float32 ones `probe()`
-        (same shape; measured once per precision): float32 passes, sqrt(epsilon) and _SAFETY;
-        reduced precision, its epsilon and _SAFETY_REDUCED."""
+        (same shape; measured once per precision, on the first pass; `agree`: the error all
+        processes use, rank 0's where the data is split): float32 passes, sqrt(epsilon) and
+        _SAFETY; reduced precision, its epsilon and _SAFETY_REDUCED."""
         if rtol is not None:
             return rtol
         if precision not in self.err:
             ref = probe()
-            self.err[precision] = float(((out - ref).abs().amax(-1)
-                                         / ref.abs().amax(-1).clamp_min(1e-30)).max())
+            self.err[precision] = agree(float(((out - ref).abs().amax(-1)
+                                               / ref.abs().amax(-1).clamp_min(1e-30)).max()))
         if precision == "float32":
             return max(default_rtol(out.dtype), _SAFETY * self.err[precision])
         return max(_EPS[precision], _SAFETY_REDUCED * self.err[precision])
@@ -647,7 +659,8 @@ def _tally_images(cut: LayerData, engine: _Engine | None, h: torch.Tensor,
         with _math(precision, h.device):
             out = engine.ablated(xs, ys, extras, cs)
         out = out.to(base.dtype)
-        tol = engine.tolerance(*_probe(cut, h, extras, cs, out, precision), rtol, precision)
+        tol = engine.tolerance(*_probe(cut, h, extras, cs, out, precision), rtol, precision,
+                               agree=lambda err: shards.agree(cut.data, err))
         j, i = torch.nonzero(_unsure(out, y, counts.k, tol), as_tuple=True)
         if len(j):
             out[j, i] = _zeroed_suffix(cut, h, extras, i, cs[j])
@@ -705,7 +718,8 @@ def _tally(cut: LayerData, candidates: list[int], metric: str, mode: str, per_cl
             for i in range(0, len(y), b):
                 _tally_images(cut, engine, h[i:i + b], [e[i:i + b] for e in extras],
                               y[i:i + b], list(candidates), m, counts, rtol, precision)
-    return counts.tally()
+            counts.end_batch()
+    return counts.tally(cut.data)
 
 
 @torch.no_grad()
@@ -728,20 +742,23 @@ def naive_tally(net: MaskedNet, layer: str, data: Iterable, candidates: list[int
                 counts.add(j, net(x).unsqueeze(0), y)
             finally:
                 mask[c] = was
-    return counts.tally()
+        counts.end_batch()
+    return counts.tally(data)
 
 
 @torch.no_grad()
 def hit_rates(cut: LayerData, ks: Iterable[int]) -> dict[int, float]:
     """Top-k hit fraction of the masked network on the cut's data for each k in `ks`: one
-    suffix pass over the cut's (cached) prefix outputs."""
-    n, c = 0, dict.fromkeys(ks, 0)
+    suffix pass over the cut's (cached) prefix outputs (all processes' batches where the
+    data is split, `carlib.shards`)."""
+    ks = list(dict.fromkeys(ks))
+    n, c = 0, torch.zeros(len(ks), dtype=torch.long)
     for (h, *rest), y in cut:
         out = cut.suffix(h, *rest)
         n += len(y)
-        for k in c:
-            c[k] += int(hits(out, y, k).sum())
-    return {k: v / n for k, v in c.items()}
+        c += torch.stack([hits(out, y, k).sum() for k in ks]).cpu()
+    n, c = shards.counts(cut.data, [torch.tensor(n), c])
+    return {k: int(v) / int(n) for k, v in zip(ks, c)}
 
 
 def car_scores(model: nn.Module, layer: str, data: Iterable, metric: str = "top1", *,
@@ -772,7 +789,8 @@ def car_scores(model: nn.Module, layer: str, data: Iterable, metric: str = "top1
     if per_class:
         k = t.base_correct_per_class.numel()
         ys = torch.cat([y.flatten().cpu() for _, y in data])
-        n_k = torch.bincount(ys, minlength=k)[:k].double()
+        (n_k,) = shards.counts(data, [torch.bincount(ys, minlength=k)[:k]])
+        n_k = n_k.double()
         drops = (t.base_correct_per_class - t.correct_per_class).double() / n_k
         out = torch.full((n_filters, k), float("nan"), dtype=torch.float64)
         out[kept] = torch.where(n_k > 0, drops, torch.full_like(drops, float("nan")))

@@ -38,6 +38,7 @@ from carlib.evaluate import METRICS, evaluate
 from carlib.models import build_model, load_checkpoint, save_checkpoint
 from carlib.precision import float32_exact
 from carlib.scoring import MODES, ScoringOptions
+from carlib.shards import split
 from carlib.stats import METHODS
 from carlib.train import fit
 
@@ -179,6 +180,8 @@ def check_config(cfg: DictConfig) -> None:
     if "train" in cfg:
         _whole(cfg, "train.epochs", 0, "train.epochs=N (0: no training)")
         _whole(cfg, "train.batch_size", 1, "train.batch_size=N (images per training step)")
+    if "distribute" in cfg:
+        _one_of(cfg, "distribute", ("images", "runs"))
     if not scores(cfg):
         return
     m = cfg.method
@@ -321,25 +324,34 @@ def scoring_split(cfg: DictConfig) -> str:
     return split
 
 
-def scoring_and_heldout(cfg: DictConfig, bundle: DataBundle, out: Path, write: bool = True
-                        ) -> tuple[Images, Images]:
+def scoring_and_heldout(cfg: DictConfig, bundle: DataBundle, out: Path, write: bool = True,
+                        spread: tuple[int, int] = (0, 1)) -> tuple[Images, Images]:
     """The fixed scoring subset (of the `method.scoring.split` part of the training data; its
     indices into the loaded training data saved in `out` unless not `write`: ranks > 0) and
     the held-out test split, each decoded once (`images`), their batches on the run's
-    `device`."""
+    `device`; with `spread` (rank, world), this process's batches of each (`images`)."""
     s = cfg.method.scoring
     part, positions = bundle.split(scoring_split(cfg))
     idx = scoring_subset(targets(part), s.size, s.seed)
     if write:
         save_indices(out / "scoring_indices.txt", idx if positions is None else positions[idx])
-    return images(cfg, take(part, idx), "scoring"), images(cfg, bundle.test, "held-out")
+    return (images(cfg, take(part, idx), "scoring", spread),
+            images(cfg, bundle.test, "held-out", spread))
 
 
-def images(cfg: DictConfig, dataset: Dataset, what: str) -> Images:
+def images(cfg: DictConfig, dataset: Dataset, what: str, spread: tuple[int, int] = (0, 1)
+           ) -> Images:
     """`dataset` decoded once (`carlib.decoded`), batches of `data.batch_size` on the run's
     device. Images read from disk (ImageNet) are decoded by `data.num_workers` workers into a
     uint8 memory map in <paths.cache_dir>/decoded/ (`data.decode_cache`; false: in memory),
-    which later runs and scripts on the same images reuse."""
+    which later runs and scripts on the same images reuse. `spread` = (rank, world): only
+    this process's batches (`carlib.shards`), the only images it reads and decodes."""
+    rank, world = spread
+    shard = None
+    if world > 1 and not in_memory(dataset):
+        batch = cfg.data.batch_size
+        shard = split(len(dataset), batch, rank, world, f"{what} set")
+        dataset = Subset(dataset, shard.indices(len(dataset), batch).tolist())
     path = key = None
     if not in_memory(dataset) and cfg.data.get("decode_cache", True):
         key = {"data": data_key(cfg), "files": _files(dataset), "what": what}
@@ -347,7 +359,8 @@ def images(cfg: DictConfig, dataset: Dataset, what: str) -> Images:
         path = Path(cfg.paths.cache_dir) / "decoded" / f"{cfg.data.name}-{digest}.npy"
     x, y, finish = decode(dataset, cfg.data.batch_size, workers(cfg), path=path, key=key,
                           progress=cfg.progress, desc=f"decoding the {what} images")
-    return Images(x, y, cfg.data.batch_size, device(cfg), finish)
+    out = Images(x, y, cfg.data.batch_size, device(cfg), finish, shard)
+    return out if shard is not None else out.split(rank, world, f"{what} set")
 
 
 def _files(dataset: Dataset) -> str:

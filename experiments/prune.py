@@ -19,13 +19,20 @@ to W&B.
     python experiments/prune.py method=global experiment=all_criteria
     python -m torch.distributed.run --standalone --nproc_per_node=4 experiments/prune.py
 
-Several processes (torchrun, or SLURM tasks of the submitit launcher): the greedy runs are
-divided over the ranks (`owners`: longest first by estimated cost; car and car_random_tie of
-one unit on one rank, as they share tallies), each computed exactly as in one process, on the
-rank's own GPU (cuda:LOCAL_RANK) or on the CPU (gloo); so are the per-class CAR layers. Rank 0
-gathers the traces and alone writes every shared output and logs to W&B; each rank saves the
-state of its own runs (distinct files), so a rerun resumes them with any number of processes.
-The outputs are byte-identical to one process's with the same `threads`.
+Several processes (torchrun, or SLURM tasks of the submitit launcher), `distribute`:
+
+- `images` (default): every rank runs every greedy run on its share of the images, batches
+  r, r + W, ... of the scoring and held-out sets (`carlib.shards`; it reads and decodes only
+  those); counts are summed over the ranks and float sums added in batch order, so every
+  rank takes the same decisions. Rank 0 writes every output, W&B and the runs' states.
+- `runs`: the greedy runs are divided over the ranks (`owners`: longest first by estimated
+  cost; car and car_random_tie of one unit on one rank, as they share tallies), each computed
+  exactly as in one process; so are the per-class CAR layers. Rank 0 gathers the traces and
+  alone writes every shared output and logs to W&B; each rank saves the state of its own runs.
+
+Either way each rank uses its own GPU (cuda:LOCAL_RANK) or the CPU (gloo), a rerun resumes
+with any number of processes, and the outputs are byte-identical to one process's with the
+same `threads`.
 """
 
 from __future__ import annotations
@@ -52,7 +59,14 @@ from common import (
     start_wandb,
 )
 from omegaconf import DictConfig
-from ranks import join_before_hydra, owners, rank0_first, resume_hint, stop_message
+from ranks import (
+    SharedState,
+    join_before_hydra,
+    owners,
+    rank0_first,
+    resume_hint,
+    stop_message,
+)
 from torch import nn
 
 from carlib import car_scores
@@ -131,12 +145,14 @@ def must_train(cfg: DictConfig, bundle: object) -> bool:
     return not checkpoint_path(cfg, bundle).is_file()
 
 
-def run_state(cfg: DictConfig, model: nn.Module, out: Path) -> RunState | None:
-    """Where greedy runs save their progress (`method.state_dir`, default <run dir>/state)."""
+def run_state(cfg: DictConfig, model: nn.Module, out: Path, shared: bool = False
+              ) -> RunState | None:
+    """Where greedy runs save their progress (`method.state_dir`, default <run dir>/state);
+    `shared`: one state per run for all ranks (`ranks.SharedState`: rank 0's)."""
     if not cfg.method.resume:
         return None
     where = Path(cfg.method.state_dir) if cfg.method.state_dir else out / "state"
-    return RunState(where, model=fingerprint(model),
+    return (SharedState if shared else RunState)(where, model=fingerprint(model),
                     scoring=load_indices(out / "scoring_indices.txt").tolist(),
                     split=cfg.method.scoring.split,
                     data=data_key(cfg))
@@ -180,8 +196,8 @@ def log_run(run, df: pd.DataFrame, key: str) -> None:
 
 
 def agreement(cfg: DictConfig, model: nn.Module, scoring: object, traces: list[Trace],
-              out: Path) -> pd.DataFrame:
-    """rank_agreement.csv/.png: CAR vs every criterion on each full layer.
+              out: Path, write: bool = True) -> pd.DataFrame:
+    """rank_agreement.csv/.png (unless not `write`): CAR vs every criterion on each full layer.
 
     Scores from the greedy traces' first scoring are reused; the rest cost one scoring round
     per criterion and layer.
@@ -192,6 +208,8 @@ def agreement(cfg: DictConfig, model: nn.Module, scoring: object, traces: list[T
                                   seed=cfg.seed, known=known.get(layer))
               for layer in cfg.method.layers}
     df = rank_agreement(scores)
+    if not write:
+        return df
     write_csv(df, out / "rank_agreement.csv")
     fig = plot_rank_agreement(df, title=f"{cfg.model.name} on {cfg.data.name}: rank agreement "
                                         "with CAR (full layers)")
@@ -200,16 +218,19 @@ def agreement(cfg: DictConfig, model: nn.Module, scoring: object, traces: list[T
 
 
 def per_class(cfg: DictConfig, model: nn.Module, scoring: object, classes: list[str],
-              out: Path, known: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
-    """per_class_car.csv: per-class CAR of every filter of each listed layer (full network);
-    layers in `known` (computed by other ranks, `per_class_layer`) are not scored again."""
+              out: Path, known: dict[str, pd.DataFrame] | None = None, write: bool = True
+              ) -> pd.DataFrame:
+    """per_class_car.csv (unless not `write`): per-class CAR of every filter of each listed
+    layer (full network); layers in `known` (computed by other ranks, `per_class_layer`) are
+    not scored again."""
     known = known or {}
     df = pd.concat([known[layer] if layer in known else
                     per_class_layer(model, layer, scoring, classes)
                     for layer in cfg.method.layers], ignore_index=True)
     df.insert(0, "model", cfg.model.name)
     df.insert(1, "dataset", cfg.data.name)
-    write_csv(df, out / "per_class_car.csv")
+    if write:
+        write_csv(df, out / "per_class_car.csv")
     return df
 
 
@@ -217,6 +238,18 @@ def per_class_layer(model: nn.Module, layer: str, scoring: object, classes: list
                     ) -> pd.DataFrame:
     """One layer's rows of per_class_car.csv (without the model and dataset columns)."""
     return per_class_frame(car_scores(model, layer, scoring, per_class=True), classes, layer)
+
+
+def curves_figure(cfg: DictConfig, curves: pd.DataFrame, traces: list[Trace],
+                  regime: pd.DataFrame):
+    """curves.png: held-out top-1 against filters remaining, one line per run."""
+    what = ("network-wide greedy pruning" if cfg.method.schedule == "global"
+            else "greedy pruning, each layer alone")
+    fig = plot_curves(curves.assign(layer=traces[0].layer) if cfg.method.schedule == "global"
+                      else curves, title=f"{cfg.model.name} on {cfg.data.name}: {what}",
+                      notes=regime_notes(regime))
+    save_figure(fig, output_dir() / "curves.png")
+    return fig
 
 
 def report(label: str, df: pd.DataFrame, trace: Trace, seconds: float, who: str = "") -> None:
@@ -251,29 +284,33 @@ def prune(cfg: DictConfig) -> None:
     """The job (see the module docstring)."""
     rank, world = join()  # torchrun: joined before Hydra started; SLURM tasks: here
     out = output_dir()
+    split = world > 1 and cfg.distribute == "images"  # else whole runs per rank
+    lead = rank == 0  # writes every shared output
     if world > 1:
         stop_message(out)
-        if rank == 0:
-            print(f"{world} processes: greedy runs divided over them; results in {out}",
-                  flush=True)
+        if lead:
+            how = ("scoring and held-out batches split" if split
+                   else "greedy runs divided")
+            print(f"{world} processes: {how} over them; results in {out}", flush=True)
     bundle = rank0_first(bool(cfg.data.get("download")), lambda: load_data(cfg))
-    scoring, heldout = rank0_first(not in_memory(bundle.test), lambda: scoring_and_heldout(
-        cfg, bundle, out, write=rank == 0))
+    scoring, heldout = rank0_first(  # split: each rank decodes its own batches, at once
+        not in_memory(bundle.test) and not split, lambda: scoring_and_heldout(
+            cfg, bundle, out, write=lead, spread=(rank, world) if split else (0, 1)))
     example = example_of(heldout)  # one decoded image: traces the model's units
     model = rank0_first(bool(broadcast(must_train(cfg, bundle))),
                         lambda: get_model(cfg, bundle, check=lambda m: plan(cfg, m, example)))
     resolve_layers(cfg, model, example)  # method.layers=[all]: every unit
     barrier()  # scoring_indices.txt is written: the runs' state key reads it
-    state = run_state(cfg, model, out)
-    run = start_wandb(cfg, out, "prune") if rank == 0 else None
+    state = run_state(cfg, model, out, shared=split)
+    run = start_wandb(cfg, out, "prune") if lead else None
     frames, traces = [], []
     memo = TallyMemo()  # runs that reach the same pruned network count it once
     options = scoring_options(cfg)
     todo = jobs(cfg, model, scoring, example)
     per_class_layers = list(cfg.method.layers) if cfg.method.per_class else []
     owner, class_owner = (owners(units(cfg, model, example), per_class_layers, cfg.method.k, model,
-                                 scoring, heldout, world) if world > 1
-                          else ([0] * len(todo), []))
+                                 scoring, heldout, world) if world > 1 and not split
+                          else ([rank] * len(todo), []))  # split: every run on every rank
     mine: dict[int, Trace] = {}
     for i, (label, job) in enumerate(todo):
         if owner[i] != rank:
@@ -284,16 +321,18 @@ def prune(cfg: DictConfig) -> None:
                     log_every=cfg.method.log_every, state=state,
                     mode=cfg.method.scoring.mode, memo=memo, options=options)
         df = frame(cfg, trace)
-        if world == 1:  # curves.csv grows run by run
+        if world == 1 or split:  # curves.csv grows run by run
             traces.append(trace)
             frames.append(df)
-            write_csv(pd.concat(frames, ignore_index=True), out / "curves.csv")
+            if lead:
+                write_csv(pd.concat(frames, ignore_index=True), out / "curves.csv")
             log_run(run, df, label.replace(" ", "/"))
         mine[i] = trace
-        report(label, df, trace, time.perf_counter() - start,
-               f"[rank {rank}] " if world > 1 else "")
+        if lead or not split:
+            report(label, df, trace, time.perf_counter() - start,
+                   f"[rank {rank}] " if world > 1 and not split else "")
     classes: dict[str, pd.DataFrame] = {}
-    if world > 1:
+    if world > 1 and not split:
         classes = {layer: per_class_layer(model, layer, scoring, bundle.classes)
                    for layer, r in zip(cfg.method.layers, class_owner) if r == rank}
         got = gather((mine, classes))
@@ -309,21 +348,21 @@ def prune(cfg: DictConfig) -> None:
         write_csv(pd.concat(frames, ignore_index=True), out / "curves.csv")
     curves = pd.concat(frames, ignore_index=True)
     regime = regime_frame(cfg, traces)
-    write_csv(regime, out / "regime.csv")
-    print(f"scoring set ({cfg.method.scoring.split} split, {cfg.method.scoring.size} images): "
-          f"full-network top-1 {traces[0].scoring_top1:.4f}")
-    paired = paired_frame(cfg, model, heldout, traces)
-    if len(paired):
+    if lead:
+        write_csv(regime, out / "regime.csv")
+        print(f"scoring set ({cfg.method.scoring.split} split, {cfg.method.scoring.size} "
+              f"images): full-network top-1 {traces[0].scoring_top1:.4f}")
+    paired = paired_frame(cfg, model, heldout, traces)  # split: every rank's held-out hits
+    if lead and len(paired):
         write_csv(paired, out / "paired.csv")
-    what = ("network-wide greedy pruning" if cfg.method.schedule == "global"
-            else "greedy pruning, each layer alone")
-    fig = plot_curves(curves.assign(layer=traces[0].layer) if cfg.method.schedule == "global"
-                      else curves, title=f"{cfg.model.name} on {cfg.data.name}: {what}",
-                      notes=regime_notes(regime))
-    save_figure(fig, out / "curves.png")
-    ranks = agreement(cfg, model, scoring, traces, out) if cfg.method.rank_agreement else None
+    fig = curves_figure(cfg, curves, traces, regime) if lead else None
+    ranks = (agreement(cfg, model, scoring, traces, out, write=lead)
+             if cfg.method.rank_agreement else None)
     if cfg.method.per_class:
-        per_class(cfg, model, scoring, bundle.classes, out, classes)
+        per_class(cfg, model, scoring, bundle.classes, out, classes, write=lead)
+    if not lead:  # split: rank 0 has written everything
+        leave()
+        return
     if run is not None:
         import wandb
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from carlib import MaskedNet
+from carlib.checkpointing import RunState
 from carlib.criteria import CAR_FAMILY, get_criterion
 from carlib.distributed import assign, barrier, broadcast, join
 from carlib.errors import CarlibError
@@ -205,6 +206,18 @@ def owners(runs: list[tuple[list[str], int, str]], per_class_layers: list[str], 
               for name in per_class_layers]
     rank = assign(tasks, world)
     return [rank[task_of[i]] for i in range(len(runs))], rank[first:]
+
+
+class SharedState(RunState):
+    """The run states of a job whose images are split over the ranks (`distribute=images`):
+    every rank runs every greedy run, so one state per run serves all of them. Rank 0 saves
+    it; every rank continues from what rank 0 loads (broadcast), so all resume at one step."""
+
+    def load(self, **parts: object) -> dict | None:
+        return broadcast(super().load(**parts) if rank() == 0 else None)
+
+    def save(self, state: dict, **parts: object) -> Path | None:
+        return super().save(state, **parts) if rank() == 0 else None
 
 
 def rank0_first(ordered: bool, fn: Callable[[], T]) -> T:

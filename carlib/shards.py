@@ -1,0 +1,130 @@
+"""Image sets split over processes by whole batches, with totals that are one process's, bit
+for bit.
+
+Under torchrun (`carlib.distributed.join`), each of W processes can hold every W-th batch of
+the scoring and held-out sets: global batches r, r + W, r + 2W, ... on rank r (`split`, a
+`Shard` on `carlib.decoded.Images.shard`). It reads, decodes and scores only those. Whatever
+a pass over such a set sums is then made whole on every rank:
+
+- counts (hits, flips, images, per-class hits) are summed over the processes (`counts`, an
+  all-reduce): integers, so exactly one process's;
+- float sums (loss, activation and gradient sums) are kept as one partial sum per batch,
+  gathered and added in global batch order (`fold`): the very additions one process makes,
+  in its order, so the totals are one process's to the last bit (`fold` also runs alone:
+  one process adds its batches' partial sums the same way);
+- per-image values (the paired held-out hits) are put back in image order (`in_order`);
+- a value measured on the first batch alone (the engine guard's error probe) is rank 0's,
+  which holds global batch 0 (`agree`).
+
+Every rank therefore takes the same greedy decisions; each batch is computed as one process
+computes it (same images, same pass shapes), so the counts, losses and scores do not depend on
+the number of processes. Each collective is called by all ranks at the same point of their
+identical runs; a set without a shard, or one process, needs none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from carlib.distributed import collective
+from carlib.errors import CarlibError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The batches of a set of `batches` batches that process `rank` of `world` holds."""
+
+    rank: int
+    world: int
+    batches: int
+
+    @property
+    def ids(self) -> range:
+        """Global indices of this process's batches, in order."""
+        return range(self.rank, self.batches, self.world)
+
+    def indices(self, n: int, batch_size: int) -> torch.Tensor:
+        """Indices of this process's images in a set of `n` in batches of `batch_size`."""
+        return torch.cat([torch.arange(b * batch_size, min((b + 1) * batch_size, n))
+                          for b in self.ids])
+
+
+def split(n: int, batch_size: int, rank: int, world: int, what: str = "scoring set") -> Shard:
+    """Process `rank`'s shard of `n` images in batches of `batch_size`; every process needs at
+    least one batch."""
+    batches = -(-n // batch_size)
+    if batches < world:
+        raise CarlibError(f"the {what} has {batches} batch(es) of {batch_size} images for "
+                          f"{world} processes; lower data.batch_size to at most "
+                          f"{max(1, n // world)} or start fewer processes")
+    return Shard(rank, world, batches)
+
+
+def of(data: object) -> Shard | None:
+    """The shard `data` holds, None for a whole set."""
+    return getattr(data, "shard", None)
+
+
+def _spread(data: object) -> Shard | None:
+    """The shard of `data` where the set is split over several processes, else None."""
+    shard = of(data)
+    if shard is None or shard.world == 1:
+        return None
+    if not dist.is_initialized() or dist.get_world_size() != shard.world:
+        raise CarlibError(f"the data is split over {shard.world} processes, but this process "
+                          "is not in a process group of that size; start the processes with "
+                          "torchrun (carlib.distributed.join) or use the whole set")
+    return shard
+
+
+def counts(data: object, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Integer tensors summed over the processes that hold `data`'s batches (on the CPU, in
+    their shapes); as given, on the CPU, for a whole set."""
+    flat = torch.cat([v.detach().reshape(-1).long().cpu() for v in values])
+    if _spread(data) is not None:
+        collective(lambda: dist.all_reduce(flat))
+    out, at = [], 0
+    for v in values:
+        out.append(flat[at:at + v.numel()].view(v.shape))
+        at += v.numel()
+    return out
+
+
+def in_order(data: object, items: list[T]) -> list[T]:
+    """One item per batch of this process (in its order) -> the items of every batch of the
+    whole set, in global batch order, on every process."""
+    shard = _spread(data)
+    if shard is None:
+        return items
+    got: list = [None] * shard.world
+    collective(lambda: dist.all_gather_object(got, items))
+    return [got[b % shard.world][b // shard.world] for b in range(shard.batches)]
+
+
+def fold(data: object, rows: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Per-batch partial sums (float64, one tensor per batch of this process) added up in
+    global batch order, starting from zero: the sums one process computes. On the CPU."""
+    local = [r.detach().double().cpu() for r in rows]
+    if not local:
+        raise CarlibError("nothing to add up: the data has no batch")
+    rows = in_order(data, local)
+    total = torch.zeros_like(rows[0])
+    for r in rows:
+        total += r
+    return total
+
+
+def agree(data: object, value: T) -> T:
+    """Rank 0's `value` (measured on global batch 0) where `data` is split; else `value`."""
+    if _spread(data) is None:
+        return value
+    box = [value]
+    collective(lambda: dist.broadcast_object_list(box, src=0))
+    return box[0]
