@@ -11,7 +11,8 @@ rank where runs are divided) and whether curves.csv is byte-identical to the 1 x
 
 Reduced default: the default config with half the scoring images (500) and half the held-out
 images (1,000), in batches of 250 (so each of 2 processes holds scoring batches); extra
-arguments are overrides. P = --procs (default 2).
+arguments are overrides. `--full`: the default run as it is (1,000 scoring images in 2
+batches of 500, 2,000 held-out). P = --procs (default 2).
 
     python benchmarks/prune_speed.py
     python benchmarks/prune_speed.py --procs 2 --logs /tmp/logs method.criteria=[car,l1]
@@ -40,7 +41,7 @@ def prune(tmp: Path, name: str, procs: int, threads: int, overrides: list[str],
                                       f"--nproc_per_node={procs}"])
     args = [sys.executable, *launch, str(ROOT / "experiments" / "prune.py"),
             f"paths.cache_dir={tmp / 'cache'}", f"hydra.run.dir={tmp / name}",
-            "logger.mode=disabled", "progress=false", f"threads={threads}", *REDUCED, *overrides]
+            "logger.mode=disabled", "progress=false", f"threads={threads}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     res = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -62,7 +63,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--logs", type=Path, default=None)
+    p.add_argument("--full", action="store_true", help="the default run, not reduced")
     args, overrides = p.parse_known_args()
+    if not args.full:
+        overrides = [*REDUCED, *overrides]
     n = args.procs
     with tempfile.TemporaryDirectory(prefix="carlib-speed-") as t:
         tmp = Path(t)
@@ -74,7 +78,7 @@ def main() -> int:
             rows[(n, 1, how)] = prune(tmp, f"p{n}t1-{how}", n, 1,
                                       [*overrides, f"distribute={how}"], args.logs)
     base = rows[(1, 1, "")]
-    print(f"# prune.py {' '.join([*REDUCED, *overrides])}; model cached")
+    print(f"# prune.py {' '.join(overrides)}; model cached")
     print(f"{'setting':>30} {'wall_s':>7} {'speed-up':>8} {'runs_s (per rank)':>18}  "
           "curves.csv = 1 x 1")
     for (procs, threads, how), r in rows.items():
