@@ -56,9 +56,13 @@ def default_budgets(device: torch.device) -> tuple[int, int]:
 
 
 def count_images(data: Iterable) -> int | None:
-    """Images in `data` without reading the images where possible: a DataLoader's sampler
-    length, or the targets of an in-memory sequence of batches; else one pass over `data`
-    if it can be read again; None for a one-shot iterator (or malformed batches)."""
+    """Images in `data` without reading the images where possible: the targets of decoded
+    `Images` (this process's share of a split set), a DataLoader's sampler length, or the
+    targets of an in-memory sequence of batches; else one pass over `data` if it can be read
+    again; None for a one-shot iterator (or malformed batches)."""
+    targets = getattr(data, "targets", None)  # carlib.decoded.Images: no batch is read
+    if isinstance(targets, torch.Tensor):
+        return len(targets)
     sampler = getattr(data, "sampler", None)
     if sampler is not None:
         try:

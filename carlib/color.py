@@ -21,12 +21,13 @@ judged by eye).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from scipy.stats import hypergeom
 
+from carlib import shards
 from carlib.graph import MaskedNet
 
 _OPPONENT = torch.tensor([[1 / 3**0.5, 1 / 3**0.5, 1 / 3**0.5],
@@ -61,17 +62,21 @@ def to_grayscale(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -
 
 
 @torch.no_grad()
-def channel_responses(net: MaskedNet, layer: str, data: Iterable) -> torch.Tensor:
-    """Spatial max of each channel of `layer` (at its mask point, through the next ReLU) per image.
+def channel_responses(net: MaskedNet, layer: str, data: Iterable,
+                      transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+    """Spatial max of each channel of `layer` (at its mask point, through the next ReLU) per image
+    (inputs passed through `transform` first, if given).
 
-    Returns (images, filters).
+    Returns (images, filters): every image of the whole set where `data` is split over
+    processes (`carlib.shards`).
     """
     prefix, _ = net.split(layer)
     out = []
     for x, _y in data:
-        h = prefix(x)[0].clamp_min(0)
+        h = prefix(x if transform is None else transform(x))[0].clamp_min(0)
         out.append((h.flatten(2).amax(-1) if h.dim() > 2 else h).cpu())
-    return torch.cat(out)
+    return torch.cat(shards.in_order(data, out))
 
 
 @torch.no_grad()
@@ -81,9 +86,10 @@ def response_color_index(net: MaskedNet, layer: str, data: Iterable, mean: Seque
 
     NaN for a dead filter (no positive response on any image): its selectivity is undefined.
     """
-    batches = [(x, y) for x, y in data]
-    color = channel_responses(net, layer, batches)
-    gray = channel_responses(net, layer, [(to_grayscale(x, mean, std), y) for x, y in batches])
+    if iter(data) is data:  # a one-shot iterator: read once, used twice
+        data = list(data)
+    color = channel_responses(net, layer, data)
+    gray = channel_responses(net, layer, data, lambda x: to_grayscale(x, mean, std))
     k = min(top, color.shape[0])
     idx = color.topk(k, dim=0).indices  # (k, filters): each filter's top images in color
     c = color.gather(0, idx).mean(0)

@@ -100,7 +100,7 @@ class Images:
         if self.shard is not None:
             raise CarlibError("these images are already one process's share of a split set")
         shard = split(len(self.targets), self.batch_size, rank, world, what)
-        idx = shard.indices(len(self.targets), self.batch_size)
+        idx = shard.indices()
         return Images(self.images[idx], self.targets[idx], self.batch_size, self.device,
                       self.finish, shard)
 

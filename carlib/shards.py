@@ -39,32 +39,39 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Shard:
-    """The batches of a set of `batches` batches that process `rank` of `world` holds."""
+    """The batches that process `rank` of `world` holds of a set of `size` images in batches
+    of `batch_size`: global batches rank, rank + world, ..."""
 
     rank: int
     world: int
-    batches: int
+    size: int
+    batch_size: int
+
+    @property
+    def batches(self) -> int:
+        """Batches of the whole set."""
+        return -(-self.size // self.batch_size)
 
     @property
     def ids(self) -> range:
         """Global indices of this process's batches, in order."""
         return range(self.rank, self.batches, self.world)
 
-    def indices(self, n: int, batch_size: int) -> torch.Tensor:
-        """Indices of this process's images in a set of `n` in batches of `batch_size`."""
-        return torch.cat([torch.arange(b * batch_size, min((b + 1) * batch_size, n))
-                          for b in self.ids])
+    def indices(self) -> torch.Tensor:
+        """Positions in the whole set of this process's images, in order."""
+        b = self.batch_size
+        return torch.cat([torch.arange(i * b, min((i + 1) * b, self.size)) for i in self.ids])
 
 
 def split(n: int, batch_size: int, rank: int, world: int, what: str = "scoring set") -> Shard:
     """Process `rank`'s shard of `n` images in batches of `batch_size`; every process needs at
     least one batch."""
-    batches = -(-n // batch_size)
-    if batches < world:
-        raise CarlibError(f"the {what} has {batches} batch(es) of {batch_size} images for "
+    shard = Shard(rank, world, n, batch_size)
+    if shard.batches < world:
+        raise CarlibError(f"the {what} has {shard.batches} batch(es) of {batch_size} images for "
                           f"{world} processes; lower data.batch_size to at most "
                           f"{max(1, n // world)} or start fewer processes")
-    return Shard(rank, world, batches)
+    return shard
 
 
 def of(data: object) -> Shard | None:
@@ -87,7 +94,8 @@ def _spread(data: object) -> Shard | None:
 def counts(data: object, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Integer tensors summed over the processes that hold `data`'s batches (on the CPU, in
     their shapes); as given, on the CPU, for a whole set."""
-    flat = torch.cat([v.detach().reshape(-1).long().cpu() for v in values])
+    device = next((v.device for v in values if v.device.type != "cpu"), torch.device("cpu"))
+    flat = torch.cat([v.detach().reshape(-1).long().to(device) for v in values]).cpu()  # 1 sync
     if _spread(data) is not None:
         collective(lambda: dist.all_reduce(flat))
     out, at = [], 0
@@ -111,14 +119,35 @@ def in_order(data: object, items: list[T]) -> list[T]:
 def fold(data: object, rows: Iterable[torch.Tensor]) -> torch.Tensor:
     """Per-batch partial sums (float64, one tensor per batch of this process) added up in
     global batch order, starting from zero: the sums one process computes. On the CPU."""
-    local = [r.detach().double().cpu() for r in rows]
+    local = list(rows)
     if not local:
         raise CarlibError("nothing to add up: the data has no batch")
-    rows = in_order(data, local)
+    rows = in_order(data, list(torch.stack([r.detach() for r in local]).double().cpu()))
     total = torch.zeros_like(rows[0])
     for r in rows:
         total += r
     return total
+
+
+def take(data: Iterable, positions: Sequence[int]) -> torch.Tensor:
+    """The inputs at `positions` of the whole set (in that order, on the CPU), read where they
+    are: each process contributes those among its batches."""
+    want = set(map(int, positions))
+    shard, found, at = of(data), {}, 0
+    for j, (x, _) in enumerate(data):
+        start = at if shard is None else shard.ids[j] * shard.batch_size
+        for i in sorted(want.intersection(range(start, start + len(x)))):
+            found[i] = x[i - start].cpu()
+        at += len(x)
+    if _spread(data) is not None:
+        got: list = [None] * dist.get_world_size()
+        collective(lambda: dist.all_gather_object(got, found))
+        found = {i: t for part in got for i, t in part.items()}
+    missing = want - found.keys()
+    if missing:
+        raise CarlibError(f"the data has no image at position {min(missing)} (it holds "
+                          f"{len(found)} of those asked for)")
+    return torch.stack([found[int(i)] for i in positions])
 
 
 def agree(data: object, value: T) -> T:

@@ -42,6 +42,13 @@ from carlib.shards import split
 from carlib.stats import METHODS
 from carlib.train import fit
 
+# Jobs of Hydra's submitit launcher (SLURM, or submitit_local) unpickle the script's task
+# function, which imports this module and its neighbours: they inherit this environment, so
+# put experiments/ on their PYTHONPATH.
+_HERE = str(Path(__file__).resolve().parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
+    [_HERE, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
+
 
 class CheckRunDir(Callback):
     """Hydra callback (conf/*.yaml `hydra.callbacks`): the run or sweep folder must be
@@ -268,6 +275,14 @@ def checkpoint_path(cfg: DictConfig, bundle: DataBundle) -> Path:
     return Path(cfg.paths.cache_dir) / "checkpoints" / name
 
 
+def must_train(cfg: DictConfig, bundle: object) -> bool:
+    """Whether `get_model` would train (no weights, checkpoint or cached model)."""
+    m = cfg.model
+    if m.get("weights") or m.get("weights_path") or m.get("checkpoint"):
+        return False
+    return not checkpoint_path(cfg, bundle).is_file()
+
+
 def train_model(cfg: DictConfig, bundle: DataBundle, path: Path) -> torch.nn.Module:
     """Train from scratch with `cfg.train` on the run's device and save the checkpoint with its
     config (the seeded initialization is drawn on the CPU, the same on every device)."""
@@ -351,7 +366,7 @@ def images(cfg: DictConfig, dataset: Dataset, what: str, spread: tuple[int, int]
     if world > 1 and not in_memory(dataset):
         batch = cfg.data.batch_size
         shard = split(len(dataset), batch, rank, world, f"{what} set")
-        dataset = Subset(dataset, shard.indices(len(dataset), batch).tolist())
+        dataset = Subset(dataset, shard.indices().tolist())
     path = key = None
     if not in_memory(dataset) and cfg.data.get("decode_cache", True):
         key = {"data": data_key(cfg), "files": _files(dataset), "what": what}
@@ -384,9 +399,11 @@ def _files(dataset: Dataset) -> str:
 
 def workers(cfg: DictConfig) -> int:
     """`data.num_workers`: DataLoader worker processes for images read from disk (null: the
-    core count)."""
+    core count, shared by the processes on this node under torchrun: LOCAL_WORLD_SIZE)."""
     n = cfg.data.get("num_workers")
-    return len(os.sched_getaffinity(0)) if n is None else int(n)
+    if n is not None:
+        return int(n)
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def loader(cfg: DictConfig, dataset: Dataset, batch_size: int, shuffle: bool = False

@@ -40,6 +40,7 @@ from common import (
     start_wandb,
 )
 from omegaconf import DictConfig, OmegaConf
+from ranks import one_process
 from torch import nn
 
 from carlib.compression import (
@@ -247,4 +248,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    one_process("compress.py", "its retraining is not distributed")
     main()

@@ -9,12 +9,16 @@ diversity.csv (coverage and clusters covered by the kept filters at each step), 
 
     python experiments/interpret.py                          # default model and data
     python experiments/interpret.py data.color_label=true    # control: color is in the label
+    python -m torch.distributed.run --standalone --nproc_per_node=4 experiments/interpret.py
+
+Several processes (torchrun, SLURM tasks): the scoring and held-out images are split over
+them by batches (`carlib.shards`, as prune.py's `distribute=images`): every rank runs every
+greedy run and measurement on its batches, with the one-process totals; rank 0 writes every
+output and logs to W&B. The outputs are byte-identical to one process's.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -25,6 +29,7 @@ from common import (
     guard,
     load_data,
     masked,
+    must_train,
     output_dir,
     resolve_layers,
     scoring_and_heldout,
@@ -32,6 +37,7 @@ from common import (
     start_wandb,
 )
 from omegaconf import DictConfig
+from ranks import join_before_hydra, rank0_first, resume_hint, stop_message
 
 from carlib import car_scores, greedy_prune
 from carlib.classes import class_importance, plot_class_importance
@@ -42,12 +48,14 @@ from carlib.color import (
     response_color_index,
     weight_color_index,
 )
+from carlib.distributed import PeerFailed, broadcast, join, leave
 from carlib.diversity import cluster_labels, clusters_covered, coverage
 from carlib.errors import CarlibError
 from carlib.gallery import filter_gallery, top_images_gallery
 from carlib.plotting import plot_curves
 from carlib.results import save_figure, write_csv
 from carlib.scoring import example_of
+from carlib.shards import take
 
 
 def removal_orders(cfg: DictConfig, model, scoring, heldout, layers: dict[str, int]
@@ -83,26 +91,43 @@ def removal_orders(cfg: DictConfig, model, scoring, heldout, layers: dict[str, i
     return pd.concat(frames, ignore_index=True)
 
 
-def display_images(scoring, mean, std) -> torch.Tensor:
-    """The scoring images un-normalized to [0, 1] for display (RGB; gray repeated)."""
-    x = torch.cat([b.cpu() for b, _ in scoring])
+def top_images(scoring, responses: torch.Tensor, shown: list[int], top: int, mean, std
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, responses) of the `top` highest-responding scoring images of each `shown`
+    filter, for `top_images_gallery`: only those images (read where they are, `take`),
+    un-normalized to [0, 1] for display (RGB; gray repeated), and their rows of `responses`."""
+    k = min(top, len(responses))
+    need = sorted({int(i) for f in shown for i in responses[:, f].topk(k).indices})
+    x = take(scoring, need)
     x = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x), responses[need]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="interpret")
 @guard
 def main(cfg: DictConfig) -> None:
-    out, ic = output_dir(), cfg.interpret
-    bundle = load_data(cfg)
-    scoring, heldout = scoring_and_heldout(cfg, bundle, out)
+    try:
+        interpret(cfg)
+    except PeerFailed as e:
+        raise CarlibError(f"{e}; {resume_hint(output_dir())}") from None
+
+
+def interpret(cfg: DictConfig) -> None:
+    """The job (see the module docstring)."""
+    rank, world = join()  # torchrun: joined before Hydra started; SLURM tasks: here
+    out, ic, lead = output_dir(), cfg.interpret, rank == 0
+    if world > 1:
+        stop_message(out)
+    bundle = rank0_first(bool(cfg.data.get("download")), lambda: load_data(cfg))
+    scoring, heldout = scoring_and_heldout(cfg, bundle, out, write=lead, spread=(rank, world))
     example = example_of(heldout)  # one decoded image: traces the model's units
-    model = get_model(cfg, bundle, check=lambda m: [
-        masked(m, names, example).unit(n) for names in [resolve_layers(cfg, m, example)]
-        for n in names])
+    model = rank0_first(bool(broadcast(must_train(cfg, bundle))), lambda: get_model(
+        cfg, bundle, check=lambda m: [masked(m, names, example).unit(n)
+                                      for names in [resolve_layers(cfg, m, example)]
+                                      for n in names]))
     net = masked(model.eval(), resolve_layers(cfg, model, example), example)
     layers = {n: net.unit(n).num_filters for n in cfg.method.layers}
-    run = start_wandb(cfg, out, "interpret")
+    run = start_wandb(cfg, out, "interpret") if lead else None
     traces = removal_orders(cfg, model, scoring, heldout, layers)
     tag = f"{cfg.model.name} on {cfg.data.name}" + (" (label: shape+color)"
                                                     if cfg.data.color_label else "")
@@ -150,19 +175,27 @@ def main(cfg: DictConfig) -> None:
             if crit == "car":
                 title = f"{tag}: {layer}, CAR order"
                 if rgb_input:
-                    fig = filter_gallery(conv.weight, order, len(removed), labels, title)
-                else:
-                    rows = ic.gallery_rows
+                    fig = (filter_gallery(conv.weight, order, len(removed), labels, title)
+                           if lead else None)
+                else:  # every rank: each gives the shown images it holds
+                    rows, top = ic.gallery_rows, 6
                     shown = order[:rows - rows // 3] + order[-(rows // 3):]
-                    fig = top_images_gallery(display_images(scoring, bundle.mean, bundle.std),
-                                             channel_responses(net, layer, scoring), shown,
-                                             min(len(removed), rows - rows // 3), labels,
-                                             title=title)
-                save_figure(fig, out / f"gallery_{layer}.png")
+                    images, responses = top_images(scoring, channel_responses(net, layer,
+                                                                              scoring),
+                                                   shown, top, bundle.mean, bundle.std)
+                    fig = (top_images_gallery(images, responses, shown,
+                                              min(len(removed), rows - rows // 3), labels,
+                                              top=top, title=title) if lead else None)
+                if lead:
+                    save_figure(fig, out / f"gallery_{layer}.png")
         per_class = car_scores(model, layer, scoring, cfg.method.metric, per_class=True)
         classes.append(class_importance(per_class, bundle.classes, layer, ic.class_top))
-        save_figure(plot_class_importance(per_class, bundle.classes, f"{tag}: {layer}"),
-                    out / f"class_importance_{layer}.png")
+        if lead:
+            save_figure(plot_class_importance(per_class, bundle.classes, f"{tag}: {layer}"),
+                        out / f"class_importance_{layer}.png")
+    if not lead:  # rank 0 writes everything
+        leave()
+        return
     write_csv(pd.concat(filters, ignore_index=True), out / "filters.csv")
     counts = pd.DataFrame(counts)
     write_csv(counts, out / "color_counts.csv")
@@ -181,11 +214,9 @@ def main(cfg: DictConfig) -> None:
                  "diversity": wandb.Table(dataframe=diversity)})
         run.finish()
     print(f"results in {out}")
+    leave()
 
 
 if __name__ == "__main__":
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # before Hydra makes a folder per rank
-        print("error: interpret.py runs in one process; start it without torchrun (its greedy "
-              "runs are short, and interpret.source=<prune run> reuses them)", file=sys.stderr)
-        sys.exit(2)
+    join_before_hydra()  # under torchrun: one process group, one run folder
     main()

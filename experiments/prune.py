@@ -46,12 +46,12 @@ import hydra
 import pandas as pd
 import torch
 from common import (
-    checkpoint_path,
     data_key,
     get_model,
     guard,
     load_data,
     masked,
+    must_train,
     output_dir,
     resolve_layers,
     scoring_and_heldout,
@@ -135,14 +135,6 @@ def units(cfg: DictConfig, model: nn.Module, example: torch.Tensor | None = None
         return [(layers, n, c) for c in m.criteria]
     return [([layer], net.unit(layer).num_filters - keep, c)
             for layer, keep in plan(cfg, model, example) for c in m.criteria]
-
-
-def must_train(cfg: DictConfig, bundle: object) -> bool:
-    """Whether `get_model` would train (no weights, checkpoint or cached model)."""
-    m = cfg.model
-    if m.get("weights") or m.get("weights_path") or m.get("checkpoint"):
-        return False
-    return not checkpoint_path(cfg, bundle).is_file()
 
 
 def run_state(cfg: DictConfig, model: nn.Module, out: Path, shared: bool = False

@@ -66,12 +66,23 @@ def join_before_hydra() -> None:
                      f"${{hydra.runtime.output_dir}}/${{hydra.job.name}}.rank{r}.log"]
 
 
+def one_process(script: str, why: str) -> None:
+    """Before Hydra starts: stop with a one-line error under torchrun (WORLD_SIZE > 1), for
+    scripts that run in one process; `why` says what to do instead."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"error: {script} runs in one process; start it without torchrun ({why})",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def slurm_tasks() -> None:
     """In a job of the submitit launcher with several tasks (hydra.launcher.tasks_per_node,
     nodes), export torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) from
-    SLURM's, so the tasks join one process group like torchrun's processes."""
-    if (os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "WORLD_SIZE" not in os.environ
-            and int(os.environ.get("SLURM_NTASKS", "1")) > 1):
+    SLURM's (or, with hydra/launcher=submitit_local, submitit's), so the tasks join one
+    process group like torchrun's processes."""
+    tasks = {"slurm": "SLURM_NTASKS", "local": "SUBMITIT_LOCAL_NTASKS"}.get(
+        os.environ.get("SUBMITIT_EXECUTOR", ""))
+    if tasks and "WORLD_SIZE" not in os.environ and int(os.environ.get(tasks, "1")) > 1:
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hydra
 from common import checkpoint_path, guard, load_data, train_model
 from omegaconf import DictConfig
+from ranks import one_process
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -18,4 +19,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    one_process("train.py", "training is not distributed; prune.py and interpret.py "
+                "train the model on rank 0 when they need it")
     main()

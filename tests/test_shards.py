@@ -12,13 +12,14 @@ import torch
 from conftest import randomize_bn, self_labelled
 
 from carlib import CarlibError, MaskedNet, car_scores
+from carlib.color import channel_responses, response_color_index
 from carlib.criteria import get_criterion
 from carlib.decoded import Images
 from carlib.distributed import join, leave
 from carlib.evaluate import evaluate, image_hits
 from carlib.models import build_model
 from carlib.scoring import LayerData, hit_rates, naive_tally, tally
-from carlib.shards import Shard, fold, split
+from carlib.shards import Shard, fold, split, take
 
 LAYER = "conv2"
 
@@ -56,6 +57,9 @@ def measure(model: torch.nn.Module, net: MaskedNet, data: Images) -> dict:
     out["per_class"] = car_scores(model, "conv1", data, per_class=True)
     out["image_hits"] = image_hits(net, data)
     out["evaluate"] = evaluate(net, data)
+    out["responses"] = channel_responses(net, "conv1", data)
+    out["color_index"] = response_color_index(net, "conv1", data, [0.5] * 3, [0.25] * 3, 5)
+    out["take"] = take(data, [70, 3, 20, 40])  # batches 4, 0, 1, 2: both ranks'
     return out
 
 
@@ -107,12 +111,14 @@ def test_two_processes_give_one_process_bits(tmp_path):
     assert 0 < ref["base_correct"] < 72 and (ref["correct"] != ref["base_correct"]).any()
     assert torch.allclose(one["fast"]["loss"], ref["loss"], rtol=1e-6)
     assert one["chunked"]["loss"].shape == ref["loss"].shape
+    assert torch.equal(one["take"], data.images[[70, 3, 20, 40]])
+    assert one["responses"].shape == (72, 8) and not one["color_index"].isnan().all()
 
 
 def test_shards_and_folds_alone():
-    assert split(72, 16, 1, 2) == Shard(1, 2, 5)
-    assert Shard(1, 2, 5).indices(72, 16).tolist() == [*range(16, 32), *range(48, 64)]
-    assert Shard(0, 2, 5).indices(72, 16)[-8:].tolist() == list(range(64, 72))
+    assert split(72, 16, 1, 2) == Shard(1, 2, 72, 16) and Shard(1, 2, 72, 16).batches == 5
+    assert Shard(1, 2, 72, 16).indices().tolist() == [*range(16, 32), *range(48, 64)]
+    assert Shard(0, 2, 72, 16).indices()[-8:].tolist() == list(range(64, 72))
     with pytest.raises(CarlibError, match="1 batch\\(es\\) of 16 images for 2 processes"):
         split(10, 16, 0, 2)
     _, net, data = _case()
