@@ -37,7 +37,7 @@ from common import (
     start_wandb,
 )
 from omegaconf import DictConfig
-from ranks import join_before_hydra, rank0_first, resume_hint, stop_message
+from ranks import join_before_hydra, rank0_first, ranked
 
 from carlib import car_scores, greedy_prune
 from carlib.classes import class_importance, plot_class_importance
@@ -48,7 +48,7 @@ from carlib.color import (
     response_color_index,
     weight_color_index,
 )
-from carlib.distributed import PeerFailed, broadcast, join, leave
+from carlib.distributed import broadcast, join, leave
 from carlib.diversity import cluster_labels, clusters_covered, coverage
 from carlib.errors import CarlibError
 from carlib.gallery import filter_gallery, top_images_gallery
@@ -105,19 +105,15 @@ def top_images(scoring, responses: torch.Tensor, shown: list[int], top: int, mea
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="interpret")
 @guard
+@ranked
 def main(cfg: DictConfig) -> None:
-    try:
-        interpret(cfg)
-    except PeerFailed as e:
-        raise CarlibError(f"{e}; {resume_hint(output_dir())}") from None
+    interpret(cfg)
 
 
 def interpret(cfg: DictConfig) -> None:
     """The job (see the module docstring)."""
-    rank, world = join()  # torchrun: joined before Hydra started; SLURM tasks: here
+    rank, world = join()  # joined already (`ranked`): rank and world size
     out, ic, lead = output_dir(), cfg.interpret, rank == 0
-    if world > 1:
-        stop_message(out)
     bundle = rank0_first(bool(cfg.data.get("download")), lambda: load_data(cfg))
     scoring, heldout = scoring_and_heldout(cfg, bundle, out, write=lead, spread=(rank, world))
     example = example_of(heldout)  # one decoded image: traces the model's units

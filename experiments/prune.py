@@ -64,8 +64,7 @@ from ranks import (
     join_before_hydra,
     owners,
     rank0_first,
-    resume_hint,
-    stop_message,
+    ranked,
 )
 from torch import nn
 
@@ -75,7 +74,7 @@ from carlib.checkpointing import RunState, fingerprint
 from carlib.classes import per_class_frame
 from carlib.criteria import CAR_FAMILY, CRITERIA
 from carlib.data import in_memory, load_indices
-from carlib.distributed import PeerFailed, barrier, broadcast, gather, join, leave
+from carlib.distributed import barrier, broadcast, gather, join, leave
 from carlib.errors import CarlibError
 from carlib.evaluate import image_hits
 from carlib.greedy import Trace, global_prune, greedy_prune
@@ -265,25 +264,20 @@ def frame(cfg: DictConfig, trace: Trace) -> pd.DataFrame:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="prune")
 @guard
+@ranked
 def main(cfg: DictConfig) -> None:
-    try:
-        prune(cfg)
-    except PeerFailed as e:
-        raise CarlibError(f"{e}; {resume_hint(output_dir())}") from None
+    prune(cfg)
 
 
 def prune(cfg: DictConfig) -> None:
     """The job (see the module docstring)."""
-    rank, world = join()  # torchrun: joined before Hydra started; SLURM tasks: here
+    rank, world = join()  # joined already (`ranked`): rank and world size
     out = output_dir()
     split = world > 1 and cfg.distribute == "images"  # else whole runs per rank
     lead = rank == 0  # writes every shared output
-    if world > 1:
-        stop_message(out)
-        if lead:
-            how = ("scoring and held-out batches split" if split
-                   else "greedy runs divided")
-            print(f"{world} processes: {how} over them; results in {out}", flush=True)
+    if world > 1 and lead:
+        how = "scoring and held-out batches split" if split else "greedy runs divided"
+        print(f"{world} processes: {how} over them; results in {out}", flush=True)
     bundle = rank0_first(bool(cfg.data.get("download")), lambda: load_data(cfg))
     scoring, heldout = rank0_first(  # split: each rank decodes its own batches, at once
         not in_memory(bundle.test) and not split, lambda: scoring_and_heldout(

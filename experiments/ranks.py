@@ -7,6 +7,7 @@ no-op for a single process.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -27,7 +28,7 @@ from torch import nn
 from carlib import MaskedNet
 from carlib.checkpointing import RunState
 from carlib.criteria import CAR_FAMILY, get_criterion
-from carlib.distributed import assign, barrier, broadcast, join
+from carlib.distributed import PeerFailed, assign, barrier, broadcast, join
 from carlib.errors import CarlibError
 from carlib.evaluate import eval_mode
 from carlib.greedy import global_cost
@@ -137,6 +138,25 @@ def stop_message(out: Path) -> None:
         os._exit(143)
 
     threading.Thread(target=watch, daemon=True, name="carlib-stop").start()
+
+
+def ranked(job: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+    """A script's job over several processes: join the group (SLURM tasks join here; torchrun's
+    processes joined before Hydra), stop at once when told to (`stop_message`), and turn a peer
+    lost mid-collective into a one-line error that says how to resume. Alone: just `job`."""
+
+    @functools.wraps(job)
+    def run(cfg: DictConfig) -> None:
+        _, world = join()
+        out = Path(HydraConfig.get().runtime.output_dir)
+        if world > 1:
+            stop_message(out)
+        try:
+            job(cfg)
+        except PeerFailed as e:
+            raise CarlibError(f"{e}; {resume_hint(out)}") from None
+
+    return run
 
 
 def suffix_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
