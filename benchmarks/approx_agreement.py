@@ -2,7 +2,7 @@
 
 Trains a small AlexNet-shaped network on the generated shapes data (CPU, about a minute),
 prunes one layer greedily with exact CAR (`greedy_prune`) and with each approximation
-(`carlib.approx.approx_greedy`: Taylor pre-screen to the m lowest, k filters per step, a
+(`carlib.pruning.approx.approx_greedy`: Taylor pre-screen to the m lowest, k filters per step, a
 random scoring subset), and compares, after removing 25/50/75% of the filters to be removed:
 the Jaccard index of the removed sets, and the held-out top-1 accuracy (approx minus exact,
 in percentage points). Times are wall-clock for the whole pruning run.
@@ -22,12 +22,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from carlib.approx import approx_greedy  # noqa: E402
-from carlib.data import load_dataset  # noqa: E402
-from carlib.evaluate import evaluate  # noqa: E402
-from carlib.graph import MaskedNet  # noqa: E402
-from carlib.greedy import greedy_prune  # noqa: E402
+from carlib.data.datasets import load_dataset  # noqa: E402
 from carlib.models import build_model  # noqa: E402
+from carlib.network.graph import MaskedNet  # noqa: E402
+from carlib.pruning.approx import approx_greedy  # noqa: E402
+from carlib.pruning.greedy import greedy_prune  # noqa: E402
+from carlib.scoring.evaluate import evaluate  # noqa: E402
 
 FRACTIONS = (0.25, 0.5, 0.75)
 

@@ -1,7 +1,7 @@
 """CAR scoring with 1 process against P processes (torchrun, gloo): time and identity.
 
 Launches `torch.distributed.run --nproc_per_node=1` and `=P` on this script in worker mode;
-each worker scores its batches of the scoring set (`carlib.shards`: every P-th batch) with the
+each worker scores its batches of the scoring set (`carlib.dist.shards`: every P-th batch) with the
 engine, which adds the tallies up over the processes exactly. The
 CPU threads are split evenly (OMP_NUM_THREADS = cores / processes); 1 process with that many
 threads is timed too. P = $PROCS (default 2); the other flags are car_speed.py's.
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from car_speed import load, make_case, parse_args  # noqa: E402
 
-from carlib.decoded import Images  # noqa: E402
-from carlib.distributed import barrier, join, leave  # noqa: E402
-from carlib.graph import MaskedNet  # noqa: E402
-from carlib.scoring import LayerData, tally  # noqa: E402
+from carlib.data.decoded import Images  # noqa: E402
+from carlib.dist.collectives import barrier, join, leave  # noqa: E402
+from carlib.network.graph import MaskedNet  # noqa: E402
+from carlib.scoring.engine import LayerData, tally  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from make_imagefolder import make_tree  # noqa: E402
 
-import carlib.data  # noqa: E402
-from carlib.data import load_dataset, take  # noqa: E402
-from carlib.decoded import decode  # noqa: E402
+import carlib.data.datasets  # noqa: E402
+from carlib.data.datasets import load_dataset, take  # noqa: E402
+from carlib.data.decoded import decode  # noqa: E402
 
 FILTERS = {"alexnet_conv1": 64, "alexnet_conv2": 192}
 RUN_LINE = re.compile(r"^\s*(.+?):\s+(\d+) filters left.*\(([\d.]+) s")
@@ -50,14 +50,14 @@ RUN_LINE = re.compile(r"^\s*(.+?):\s+(\d+) filters left.*\(([\d.]+) s")
 
 def count_decodes(log: Path) -> None:
     """Append a line to `log` per JPEG read (here or in a forked worker)."""
-    read = carlib.data.read_image
+    read = carlib.data.datasets.read_image
 
     def counted(path: str) -> object:
         with open(log, "a") as f:
             f.write("\n")
         return read(path)
 
-    carlib.data.read_image = counted
+    carlib.data.datasets.read_image = counted
 
 
 def decodes(log: Path) -> int:

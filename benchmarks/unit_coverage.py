@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/unit_coverage.py [--size 64] [--csv results/coverage.csv]
 
 Builds each model with random weights and non-trivial BatchNorm statistics (coverage depends
-on the architecture only), lists its units (`carlib.coverage`, `carlib.groups`) on one
+on the architecture only), lists its units (`carlib.coverage`, `carlib.network.groups`) on one
 size x size image and prints a markdown table: conv filters, the share in a unit, units by
 kind, the reason for what is left out, and the seconds the analysis took. tests/test_groups.py
 checks, on sampled units of the same models, that masking equals torch-pruning's physical

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from carlib.errors import CarlibError, writing
+from carlib.core.errors import CarlibError, writing
 
 MODELS = ("alexnet_small", "lenet5", "resnet_small", "alexnet", "resnet50")
 

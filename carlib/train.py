@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from carlib.errors import CarlibError
-from carlib.evaluate import model_device
+from carlib.core.errors import CarlibError
+from carlib.scoring.evaluate import model_device
 
 SCHEDULES = ("onecycle", "cosine", "none")
 

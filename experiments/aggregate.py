@@ -23,7 +23,7 @@ folder given):
   held-out intervals (paired.csv) lie above or below 0;
 - `color_summary.csv` (from color_counts.csv): per layer and criterion, the color-selective
   filters among the top-K pruned summed over the runs (seeds) against the sum expected at
-  random, with the exact pooled test (`carlib.color.pooled_color_count`), and the mean over
+  random, with the exact pooled test (`carlib.analysis.color.pooled_color_count`), and the mean over
   runs of the threshold-free color index of the top-K and of the layer, with their difference
   (`index_diff`: top-K minus layer, mean over runs with a Student-t 95% interval).
 
@@ -43,11 +43,11 @@ import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from carlib.color import pooled_color_count
-from carlib.criteria import CAR_FAMILY
-from carlib.errors import CarlibError
-from carlib.results import write_csv
-from carlib.stats import mean_interval
+from carlib.analysis.color import pooled_color_count
+from carlib.analysis.stats import mean_interval
+from carlib.core.errors import CarlibError
+from carlib.core.io import write_csv
+from carlib.pruning.criteria import CAR_FAMILY
 
 RUNS, SUMMARY, DIFFERENCES = "runs.csv", "summary.csv", "differences.csv"
 COLOR_SUMMARY = "color_summary.csv"

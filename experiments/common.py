@@ -21,8 +21,10 @@ from ranks import place, slurm_tasks
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from carlib import MaskedNet
-from carlib.criteria import get_criterion
-from carlib.data import (
+from carlib.analysis.stats import METHODS
+from carlib.core.errors import CarlibError
+from carlib.core.precision import float32_exact
+from carlib.data.datasets import (
     DataBundle,
     in_memory,
     load_dataset,
@@ -32,14 +34,12 @@ from carlib.data import (
     take,
     targets,
 )
-from carlib.decoded import Images, decode
-from carlib.errors import CarlibError
-from carlib.evaluate import METRICS, evaluate
+from carlib.data.decoded import Images, decode
+from carlib.dist.shards import split
 from carlib.models import build_model, load_checkpoint, save_checkpoint
-from carlib.precision import float32_exact
-from carlib.scoring import MODES, ScoringOptions
-from carlib.shards import split
-from carlib.stats import METHODS
+from carlib.pruning.criteria import get_criterion
+from carlib.scoring.engine import MODES, ScoringOptions
+from carlib.scoring.evaluate import METRICS, evaluate
 from carlib.train import fit
 
 # Jobs of Hydra's submitit launcher (SLURM, or submitit_local) unpickle the script's task
@@ -356,11 +356,11 @@ def scoring_and_heldout(cfg: DictConfig, bundle: DataBundle, out: Path, write: b
 
 def images(cfg: DictConfig, dataset: Dataset, what: str, spread: tuple[int, int] = (0, 1)
            ) -> Images:
-    """`dataset` decoded once (`carlib.decoded`), batches of `data.batch_size` on the run's
+    """`dataset` decoded once (`carlib.data.decoded`), batches of `data.batch_size` on the run's
     device. Images read from disk (ImageNet) are decoded by `data.num_workers` workers into a
     uint8 memory map in <paths.cache_dir>/decoded/ (`data.decode_cache`; false: in memory),
     which later runs and scripts on the same images reuse. `spread` = (rank, world): only
-    this process's batches (`carlib.shards`), the only images it reads and decodes."""
+    this process's batches (`carlib.dist.shards`), the only images it reads and decodes."""
     rank, world = spread
     shard = None
     if world > 1 and not in_memory(dataset):
@@ -421,7 +421,7 @@ def data_key(cfg: DictConfig, resolve: bool = True) -> dict:
 
 
 def scoring_options(cfg: DictConfig) -> ScoringOptions:
-    """The engine's options (`carlib.scoring.ScoringOptions`) from `method.scoring`: the
+    """The engine's options (`carlib.scoring.engine.ScoringOptions`) from `method.scoring`: the
     device's defaults where a key is null."""
     s = cfg.method.scoring
 

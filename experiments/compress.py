@@ -2,12 +2,12 @@
 
 Reads the removed filters from a curves.csv of experiments/prune.py (`source.curves`,
 `source.criterion`, `source.layer`) or from `source.removed`, builds the smaller network with
-torch-pruning (carlib.physical), and writes to the run folder: pruned.pt (`load_pruned` rebuilds
-it) and cost.csv (original vs pruned: params, FLOPs, latency on the run's `device` at batch 1
-and `cost.batch_size`, held-out top-1). Then, each stage off-able:
+torch-pruning (carlib.physical.removal), and writes to the run folder: pruned.pt (`load_pruned`
+rebuilds it) and cost.csv (original vs pruned: params, FLOPs, latency on the run's `device` at
+batch 1 and `cost.batch_size`, held-out top-1). Then, each stage off-able:
 
 - retrain the pruned network on the training split (`retrain`, epochs=0: off);
-- compress `layer_compression.layer` as in Deep Compression (carlib.compression): magnitude
+- compress `layer_compression.layer` as in Deep Compression (carlib.physical.compression): magnitude
   pruning (retrained with the mask fixed), k-means weight sharing (retrained with the codes
   fixed), Huffman coding (`layer_compression.enabled=false`: off);
 
@@ -43,7 +43,10 @@ from omegaconf import DictConfig, OmegaConf
 from ranks import one_process
 from torch import nn
 
-from carlib.compression import (
+from carlib.core.errors import CarlibError
+from carlib.core.io import save_figure, write_csv
+from carlib.data.datasets import DataBundle
+from carlib.physical.compression import (
     apply_mask,
     bake,
     bit_account,
@@ -51,20 +54,17 @@ from carlib.compression import (
     quantize,
     share_weights,
 )
-from carlib.cost import cost_report
-from carlib.data import DataBundle
-from carlib.errors import CarlibError
-from carlib.evaluate import evaluate, model_device
-from carlib.physical import (
+from carlib.physical.cost import cost_report
+from carlib.physical.removal import (
     prune_coupled,
     prune_physically,
     removal_rows,
     removed_per_layer,
     save_pruned,
 )
-from carlib.plotting import plot_compression
-from carlib.results import save_figure, write_csv
+from carlib.scoring.evaluate import evaluate, model_device
 from carlib.train import SCHEDULES, fit
+from carlib.viz.plotting import plot_compression
 
 COLUMNS = ["model", "dataset", "layer", "stage", "bits", "ratio", "nonzero", "heldout_top1",
            "retrain_epochs", "retrain_seconds", "heldout_top1_before_retrain", "retrain_steps",

@@ -37,10 +37,11 @@ from aggregate import (
     pruned_unit,
 )
 
-from carlib.classes import plot_class_importance
-from carlib.color import plot_color_counts
-from carlib.errors import CarlibError
-from carlib.plotting import (
+from carlib.analysis.classes import plot_class_importance
+from carlib.analysis.color import plot_color_counts
+from carlib.core.errors import CarlibError
+from carlib.core.io import save_figure
+from carlib.viz.plotting import (
     plot_compression,
     plot_curves,
     plot_differences,
@@ -48,7 +49,6 @@ from carlib.plotting import (
     plot_summary,
     regime_notes,
 )
-from carlib.results import save_figure
 
 
 @dataclass
@@ -153,7 +153,7 @@ def _slug(text: str) -> str:
 
 def class_matrix(rows: pd.DataFrame) -> tuple[torch.Tensor, list[str]]:
     """The (filters, classes) per-class CAR matrix of one layer from its tidy rows
-    (`carlib.classes.per_class_frame`), and the class names; filters without rows (removed)
+    (`carlib.analysis.classes.per_class_frame`), and the class names; filters without rows (removed)
     are NaN, and rows repeated (several runs of one model) are averaged."""
     names = rows.drop_duplicates("class_index").sort_values("class_index")
     col = {int(k): j for j, k in enumerate(names["class_index"])}
@@ -203,7 +203,7 @@ def summary_figures(t: Table) -> dict[str, plt.Figure]:
 
 
 def compression_figures(t: Table) -> dict[str, plt.Figure]:
-    """compression.png (carlib.plotting.plot_compression); one per run when aggregated."""
+    """compression.png (carlib.viz.plotting.plot_compression); one per run when aggregated."""
     if "run" in t.df and t.df["run"].nunique() > 1:  # aggregated: one figure per run
         return {f"compression_{_slug(str(r))}.png": plot_compression(g)
                 for r, g in t.df.groupby("run", sort=False)}

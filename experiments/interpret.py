@@ -12,7 +12,7 @@ diversity.csv (coverage and clusters covered by the kept filters at each step), 
     python -m torch.distributed.run --standalone --nproc_per_node=4 experiments/interpret.py
 
 Several processes (torchrun, SLURM tasks): the scoring and held-out images are split over
-them by batches (`carlib.shards`, as prune.py's `distribute=images`): every rank runs every
+them by batches (`carlib.dist.shards`, as prune.py's `distribute=images`): every rank runs every
 greedy run and measurement on its batches, with the one-process totals; rank 0 writes every
 output and logs to W&B. The outputs are byte-identical to one process's.
 """
@@ -40,22 +40,22 @@ from omegaconf import DictConfig
 from ranks import join_before_hydra, rank0_first, ranked
 
 from carlib import car_scores, greedy_prune
-from carlib.classes import class_importance, plot_class_importance
-from carlib.color import (
+from carlib.analysis.classes import class_importance, plot_class_importance
+from carlib.analysis.color import (
     channel_responses,
     color_count,
     plot_color_counts,
     response_color_index,
     weight_color_index,
 )
-from carlib.distributed import broadcast, join, leave
-from carlib.diversity import cluster_labels, clusters_covered, coverage
-from carlib.errors import CarlibError
-from carlib.gallery import filter_gallery, top_images_gallery
-from carlib.plotting import plot_curves
-from carlib.results import save_figure, write_csv
-from carlib.scoring import example_of
-from carlib.shards import take
+from carlib.analysis.diversity import cluster_labels, clusters_covered, coverage
+from carlib.core.errors import CarlibError
+from carlib.core.io import save_figure, write_csv
+from carlib.dist.collectives import broadcast, join, leave
+from carlib.dist.shards import take
+from carlib.scoring.engine import example_of
+from carlib.viz.gallery import filter_gallery, top_images_gallery
+from carlib.viz.plotting import plot_curves
 
 
 def removal_orders(cfg: DictConfig, model, scoring, heldout, layers: dict[str, int]

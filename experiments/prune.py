@@ -22,7 +22,7 @@ to W&B.
 Several processes (torchrun, or SLURM tasks of the submitit launcher), `distribute`:
 
 - `images` (default): every rank runs every greedy run on its share of the images, batches
-  r, r + W, ... of the scoring and held-out sets (`carlib.shards`; it reads and decodes only
+  r, r + W, ... of the scoring and held-out sets (`carlib.dist.shards`; it reads and decodes only
   those); counts are summed over the ranks and float sums added in batch order, so every
   rank takes the same decisions. Rank 0 writes every output, W&B and the runs' states.
 - `runs`: the greedy runs are divided over the ranks (`owners`: longest first by estimated
@@ -69,19 +69,19 @@ from ranks import (
 from torch import nn
 
 from carlib import car_scores
-from carlib.agreement import layer_scores, rank_agreement, scores_from_traces
-from carlib.checkpointing import RunState, fingerprint
-from carlib.classes import per_class_frame
-from carlib.criteria import CAR_FAMILY, CRITERIA
-from carlib.data import in_memory, load_indices
-from carlib.distributed import barrier, broadcast, gather, join, leave
-from carlib.errors import CarlibError
-from carlib.evaluate import image_hits
-from carlib.greedy import Trace, global_prune, greedy_prune
-from carlib.plotting import plot_curves, plot_rank_agreement, regime_notes
-from carlib.results import save_figure, write_csv
-from carlib.scoring import TallyMemo, example_of
-from carlib.stats import paired_difference
+from carlib.analysis.agreement import layer_scores, rank_agreement, scores_from_traces
+from carlib.analysis.classes import per_class_frame
+from carlib.analysis.stats import paired_difference
+from carlib.core.errors import CarlibError
+from carlib.core.io import save_figure, write_csv
+from carlib.data.datasets import in_memory, load_indices
+from carlib.dist.collectives import barrier, broadcast, gather, join, leave
+from carlib.pruning.criteria import CAR_FAMILY, CRITERIA
+from carlib.pruning.greedy import Trace, global_prune, greedy_prune
+from carlib.pruning.state import RunState, fingerprint
+from carlib.scoring.engine import TallyMemo, example_of
+from carlib.scoring.evaluate import image_hits
+from carlib.viz.plotting import plot_curves, plot_rank_agreement, regime_notes
 
 SCHEDULES = ("layerwise", "global")
 
@@ -91,7 +91,7 @@ def plan(cfg: DictConfig, model: nn.Module, example: torch.Tensor | None = None
     """(layer, n_keep) per configured layer; fails on unknown layers or counts out of range.
 
     n_keep applies to the layer-wise schedule only (global: `method.n_remove`/`keep_fraction`).
-    `example` (one input batch) traces the model's multi-point units (`carlib.groups`).
+    `example` (one input batch) traces the model's multi-point units (`carlib.network.groups`).
     """
     m = cfg.method
     if m.schedule not in SCHEDULES:
@@ -161,7 +161,7 @@ def regime_frame(cfg: DictConfig, traces: list[Trace]) -> pd.DataFrame:
 def paired_frame(cfg: DictConfig, model: nn.Module, heldout: object, traces: list[Trace]
                  ) -> pd.DataFrame:
     """paired.csv: each CAR-family run's final network against every other criterion's of the
-    same layer, on the same held-out images (`carlib.stats.paired_difference`)."""
+    same layer, on the same held-out images (`carlib.analysis.stats.paired_difference`)."""
     x = example_of(heldout)
     hits = {(t.layer, t.criterion): image_hits(t.pruned(model, x), heldout) for t in traces}
     rows = []

@@ -26,12 +26,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from carlib import MaskedNet
-from carlib.checkpointing import RunState
-from carlib.criteria import CAR_FAMILY, get_criterion
-from carlib.distributed import PeerFailed, assign, barrier, broadcast, join
-from carlib.errors import CarlibError
-from carlib.evaluate import eval_mode
-from carlib.greedy import global_cost
+from carlib.core.errors import CarlibError
+from carlib.dist.collectives import PeerFailed, assign, barrier, broadcast, join
+from carlib.pruning.criteria import CAR_FAMILY, get_criterion
+from carlib.pruning.greedy import global_cost
+from carlib.pruning.state import RunState
+from carlib.scoring.evaluate import eval_mode
 
 T = TypeVar("T")
 
@@ -183,8 +183,8 @@ def run_cost(sizes: list[int], n_remove: int, k: int, criterion: str, heldout_ra
     """A greedy run's estimated work, in candidate passes over the scoring set times `weight`
     (the cost of one, relative: `suffix_macs`): per step a held-out pass (`heldout_ratio` =
     held-out / scoring images) and a scoring one; CAR-family runs add their candidate
-    evaluations (`carlib.greedy.global_cost` over the run's layers of `sizes` filters), other
-    criteria that depend on the whole network
+    evaluations (`carlib.pruning.greedy.global_cost` over the run's layers of `sizes` filters),
+    other criteria that depend on the whole network
     (taylor: forward and backward) 3 passes per step."""
     steps = math.ceil(n_remove / k)
     cost = (steps + 1) * (1 + heldout_ratio)
@@ -203,7 +203,7 @@ def owners(runs: list[tuple[list[str], int, str]], per_class_layers: list[str], 
     car and car_random_tie of one unit go to one rank, as one task: they share tallies
     (`TallyMemo`) until their first tie, which makes car_random_tie cheap; `loss` shares only
     the first step with them, so it is a task of its own (better balance). Tasks go longest
-    first, by `run_cost`, to the least loaded rank (`carlib.distributed.assign`).
+    first, by `run_cost`, to the least loaded rank (`carlib.dist.collectives.assign`).
     """
     def count(data: object) -> int:
         return len(getattr(data, "targets", [])) or 1

@@ -9,9 +9,9 @@ import torch
 from test_criteria import _bn_case
 
 from carlib import car_scores, greedy_prune
-from carlib.agreement import COLUMNS, layer_scores, rank_agreement, scores_from_traces
-from carlib.plotting import plot_rank_agreement
-from carlib.results import save_figure
+from carlib.analysis.agreement import COLUMNS, layer_scores, rank_agreement, scores_from_traces
+from carlib.core.io import save_figure
+from carlib.viz.plotting import plot_rank_agreement
 
 
 def test_known_correlations():

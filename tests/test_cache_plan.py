@@ -9,8 +9,8 @@ from test_engine import CASES, _all, _prepare
 from torch.utils.data import DataLoader, TensorDataset
 
 from carlib import CarlibError, MaskedNet
-from carlib.cache import count_images
-from carlib.scoring import LayerData, ScoringOptions, naive_tally, tally
+from carlib.scoring.cache import count_images
+from carlib.scoring.engine import LayerData, ScoringOptions, naive_tally, tally
 
 MAX_BYTES = 2**20  # small passes, so budgets of a few MiB decide the placement
 

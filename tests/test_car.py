@@ -7,8 +7,8 @@ import torch
 from conftest import physically_pruned, randomize_bn, self_labelled
 
 from carlib import CarlibError, car_scores, prunable_layers
-from carlib.evaluate import evaluate
 from carlib.models import build_model
+from carlib.scoring.evaluate import evaluate
 
 
 def brute_force_car(model, layer, data, example, removed=None, k=1):

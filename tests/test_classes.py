@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from carlib.classes import class_importance
+from carlib.analysis.classes import class_importance
 
 
 def test_most_and_least_important_classes():

@@ -8,8 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from carlib.color import LUMA, color_count, response_color_index, to_grayscale, weight_color_index
-from carlib.graph import MaskedNet
+from carlib.analysis.color import (
+    LUMA,
+    color_count,
+    response_color_index,
+    to_grayscale,
+    weight_color_index,
+)
+from carlib.network.graph import MaskedNet
 
 
 def test_weight_index_known_filters():

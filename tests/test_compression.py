@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from carlib import CarlibError
-from carlib.compression import (
+from carlib.data.datasets import make_loader
+from carlib.physical.compression import (
     ACCOUNT_COLUMNS,
     apply_mask,
     bake,
@@ -29,8 +30,7 @@ from carlib.compression import (
     relative_indices,
     share_weights,
 )
-from carlib.data import make_loader
-from carlib.physical import load_pruned
+from carlib.physical.removal import load_pruned
 from carlib.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from carlib.cost import COLUMNS, cost_report, count_flops, count_params
-from carlib.errors import CarlibError
+from carlib.core.errors import CarlibError
 from carlib.models import build_model
-from carlib.physical import load_pruned, prune_physically
+from carlib.physical.cost import COLUMNS, cost_report, count_flops, count_params
+from carlib.physical.removal import load_pruned, prune_physically
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ from conftest import randomize_bn, self_labelled
 from torch import nn
 
 from carlib import CarlibError, MaskedNet, greedy_prune
-from carlib.criteria import CRITERIA, get_criterion, make_random, relu_follows
 from carlib.models import build_model
-from carlib.scoring import LayerData
+from carlib.pruning.criteria import CRITERIA, get_criterion, make_random, relu_follows
+from carlib.scoring.engine import LayerData
 
 
 class OneByOne(nn.Module):

@@ -1,4 +1,4 @@
-"""Tests for the generated shapes dataset and carlib.data loaders/subsets."""
+"""Tests for the generated shapes dataset and carlib.data.datasets loaders/subsets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from carlib.data import (
+from carlib.core.errors import CarlibError
+from carlib.data.datasets import (
     FASHION_MNIST_SYSTEM_DIR,
     load_dataset,
     load_indices,
@@ -21,8 +22,7 @@ from carlib.data import (
     scoring_subset,
     targets,
 )
-from carlib.errors import CarlibError
-from carlib.shapes import COLORS, SHAPES, make_shapes
+from carlib.data.shapes import COLORS, SHAPES, make_shapes
 
 # ----------------------------------------------------------------------------- shapes
 

@@ -1,4 +1,4 @@
-"""Images decoded once (carlib.decoded): the uint8 steps give the very batches of the JPEG
+"""Images decoded once (carlib.data.decoded): the uint8 steps give the very batches of the JPEG
 loader, a cached decode is reused, and a prune run decodes each scoring and held-out image
 exactly once, shared by every layer, criterion, per-class CAR and the scripts after it."""
 
@@ -13,9 +13,9 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.models import AlexNet_Weights
 
-import carlib.data
-from carlib.data import IMAGENET_MEAN, IMAGENET_STD, load_dataset, make_loader
-from carlib.decoded import Images, decode, uint8_view
+import carlib.data.datasets
+from carlib.data.datasets import IMAGENET_MEAN, IMAGENET_STD, load_dataset, make_loader
+from carlib.data.decoded import Images, decode, uint8_view
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -36,14 +36,14 @@ def tree(tmp_path_factory) -> Path:
 
 def _count(monkeypatch, log: Path) -> None:
     """Append one line to `log` per image decoded (in this process or a forked worker)."""
-    read = carlib.data.read_image
+    read = carlib.data.datasets.read_image
 
     def counted(path: str) -> object:
         with open(log, "a") as f:
             f.write(path + "\n")
         return read(path)
 
-    monkeypatch.setattr(carlib.data, "read_image", counted)
+    monkeypatch.setattr(carlib.data.datasets, "read_image", counted)
 
 
 def _decodes(log: Path) -> list[str]:

@@ -18,7 +18,10 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from carlib import car_scores, global_prune, greedy_prune
-from carlib.compression import (
+from carlib.core.precision import float32_exact, tf32_enabled
+from carlib.data.datasets import make_loader
+from carlib.models import build_model
+from carlib.physical.compression import (
     apply_mask,
     bake,
     bit_account,
@@ -27,12 +30,9 @@ from carlib.compression import (
     relative_indices,
     share_weights,
 )
-from carlib.cost import cost_report
-from carlib.criteria import CRITERIA
-from carlib.data import make_loader
-from carlib.evaluate import evaluate
-from carlib.models import build_model
-from carlib.precision import float32_exact, tf32_enabled
+from carlib.physical.cost import cost_report
+from carlib.pruning.criteria import CRITERIA
+from carlib.scoring.evaluate import evaluate
 from carlib.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from carlib.diversity import cluster_labels, clusters_covered, coverage, unit_filters
-from carlib.gallery import filter_gallery, top_images_gallery
+from carlib.analysis.diversity import cluster_labels, clusters_covered, coverage, unit_filters
+from carlib.viz.gallery import filter_gallery, top_images_gallery
 
 
 def clustered_filters(n_groups: int = 4, per_group: int = 5, seed: int = 0) -> torch.Tensor:

@@ -10,10 +10,10 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 from carlib import CarlibError, MaskedNet
-from carlib import scoring as sc
-from carlib.evaluate import hits
 from carlib.models import build_model
-from carlib.scoring import LayerData, naive_tally, tally
+from carlib.scoring import engine as sc
+from carlib.scoring.engine import LayerData, naive_tally, tally
+from carlib.scoring.evaluate import hits
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -295,8 +295,8 @@ def test_unknown_mode():
 def test_approx_greedy_options():
     from test_greedy import Toy, groups
 
-    from carlib.approx import approx_greedy
-    from carlib.greedy import greedy_prune
+    from carlib.pruning.approx import approx_greedy
+    from carlib.pruning.greedy import greedy_prune
 
     model, data = Toy([0, 1, 2, 3], [3.0, 1.0, 2.0, 1.0]), groups([3, 1, 4, 2], 4)
     exact = greedy_prune(model, "conv1", data, 1, progress=False).removed

@@ -17,11 +17,11 @@ from test_experiments import ROOT, TINY, run
 from torch import nn
 
 from carlib import CarlibError, car_scores, global_prune, greedy_prune, prunable_layers
-from carlib.checkpointing import RunState, StaleStateWarning, atomic_write_text
-from carlib.data import save_indices
+from carlib.core.io import save_figure, write_csv
+from carlib.data.datasets import save_indices
 from carlib.models import build_model, load_checkpoint, save_checkpoint
-from carlib.physical import save_pruned
-from carlib.results import save_figure, write_csv
+from carlib.physical.removal import save_pruned
+from carlib.pruning.state import RunState, StaleStateWarning, atomic_write_text
 
 CFG = {"name": "alexnet_small", "num_classes": 6, "in_channels": 3, "widths": [4, 4, 4, 4, 4]}
 
@@ -253,8 +253,7 @@ def test_unreadable_run_state_is_ignored_with_a_warning(tmp_path, content):
 
 
 def test_state_of_another_key_or_version_is_ignored_silently(tmp_path, monkeypatch):
-    from carlib import checkpointing
-
+    from carlib.pruning import state as checkpointing
     state = RunState(tmp_path, model="abc")
     path = state.save({"x": 1}, layer="conv1")
     other = RunState(tmp_path, model="abd")

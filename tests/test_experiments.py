@@ -12,10 +12,10 @@ from conftest import TINY_BASE
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from carlib.data import load_dataset
-from carlib.evaluate import evaluate
+from carlib.data.datasets import load_dataset
+from carlib.data.shapes import ALL_SHAPES
 from carlib.models import load_checkpoint
-from carlib.shapes import ALL_SHAPES
+from carlib.scoring.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

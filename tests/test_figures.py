@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import TINY_BASE
 
-from carlib.classes import per_class_frame
-from carlib.plotting import plot_curves
+from carlib.analysis.classes import per_class_frame
+from carlib.viz.plotting import plot_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))

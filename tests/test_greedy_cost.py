@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from test_schedules import small_case
 
-import carlib.criteria
-import carlib.greedy
-from carlib.criteria import get_criterion
-from carlib.evaluate import evaluate
-from carlib.graph import MaskedNet
-from carlib.greedy import Trace, global_cost, global_prune, greedy_prune
+import carlib.pruning.criteria
+import carlib.pruning.greedy
+from carlib.network.graph import MaskedNet
+from carlib.pruning.criteria import get_criterion
+from carlib.pruning.greedy import Trace, global_cost, global_prune, greedy_prune
+from carlib.scoring.evaluate import evaluate
 
 LAYERS = ["conv1", "conv2", "conv3"]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,13 +68,13 @@ def test_scoring_accuracy_in_other_metrics(metric):
 def passes(monkeypatch: pytest.MonkeyPatch) -> Counter:
     """Counts greedy's own suffix passes over the scoring set (not the held-out set's)."""
     count: Counter = Counter()
-    real = carlib.greedy.hit_rates
+    real = carlib.pruning.greedy.hit_rates
 
     def counted(cut, ks):
         count[cut.what] += 1
         return real(cut, ks)
 
-    monkeypatch.setattr(carlib.greedy, "hit_rates", counted)
+    monkeypatch.setattr(carlib.pruning.greedy, "hit_rates", counted)
     return count
 
 
@@ -126,13 +126,13 @@ def test_global_reuses_unchanged_scores_with_identical_results(criterion, k):
 def candidates(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Records how many candidates every CAR tally of a criterion counts."""
     seen: list[int] = []
-    real = carlib.criteria.tally
+    real = carlib.pruning.criteria.tally
 
     def counted(cut, cands, *args, **kw):
         seen.append(len(cands))
         return real(cut, cands, *args, **kw)
 
-    monkeypatch.setattr(carlib.criteria, "tally", counted)
+    monkeypatch.setattr(carlib.pruning.criteria, "tally", counted)
     return seen
 
 

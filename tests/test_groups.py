@@ -1,4 +1,4 @@
-"""Units as dependency groups (carlib.groups): coverage of torchvision CNNs, masking equals
+"""Units as dependency groups (carlib.network.groups): coverage of torchvision CNNs, masking equals
 physical removal (torch-pruning), and the scoring engine's counts equal the naive reference."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch_pruning as tp
 from torch import nn
 
 import carlib
-from carlib.graph import MaskedNet, coverage
 from carlib.models import build_model
-from carlib.physical import ungroup
-from carlib.scoring import LayerData, naive_tally, tally
+from carlib.network.graph import MaskedNet, coverage
+from carlib.physical.removal import ungroup
+from carlib.scoring.engine import LayerData, naive_tally, tally
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from unit_coverage import MODELS as ALL_MODELS  # noqa: E402
@@ -155,7 +155,7 @@ def test_masked_layernorm_rows_equal_single_removals() -> None:
     layer = next(n for n, u in net.units.items() if "layernorm" in u.kind)
     cut = LayerData(net, layer, [(x, torch.zeros(2, dtype=torch.long))])
     (h, *extras), _ = next(iter(cut))
-    from carlib.scoring import _zeroed_suffix
+    from carlib.scoring.engine import _zeroed_suffix
     cs = torch.tensor([0, 5, 7])
     rows = torch.arange(2).repeat(3)
     got = _zeroed_suffix(cut, h, extras, rows, cs.repeat_interleave(2)).view(3, 2, -1)
@@ -171,7 +171,7 @@ def test_masked_layernorm_rows_equal_single_removals() -> None:
 def test_taylor_and_l1_of_a_stream_unit() -> None:
     """taylor's gate gradient on a multi-point unit equals the gradient of the loss with
     respect to the unit's own mask (every point at once); l1 sums every writer's filters."""
-    from carlib.criteria import l1, taylor
+    from carlib.pruning.criteria import l1, taylor
 
     model = build_model("resnet_small", 6).eval()
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))

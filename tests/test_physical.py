@@ -9,9 +9,9 @@ from conftest import randomize_bn
 from torch import nn
 
 from carlib import CarlibError, MaskedNet, prunable_layers
-from carlib.cost import count_params
 from carlib.models import build_model
-from carlib.physical import (
+from carlib.physical.cost import count_params
+from carlib.physical.removal import (
     load_pruned,
     prune_coupled,
     prune_physically,

@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from carlib import MaskedNet, prunable_layers
-from carlib.data import IMAGENET_MEAN, IMAGENET_STD, load_dataset
-from carlib.errors import CarlibError
+from carlib.core.errors import CarlibError
+from carlib.data.datasets import IMAGENET_MEAN, IMAGENET_STD, load_dataset
 from carlib.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 from test_schedules import small_case
 
-import carlib.greedy
-from carlib.greedy import _duration, _work_left, global_prune, greedy_prune
+import carlib.pruning.greedy
+from carlib.pruning.greedy import _duration, _work_left, global_prune, greedy_prune
 
 LINE = re.compile(r"^(?P<desc>.+): step (?P<step>\d+)/(?P<total>\d+), (?P<left>\d+) filters left, "
                   r"elapsed (?P<elapsed>\S+), ETA (?P<eta>\S+)$")
@@ -24,7 +24,7 @@ class Terminal(io.StringIO):
 
 
 def lines(caplog: pytest.LogCaptureFixture) -> list[re.Match]:
-    got = [r.getMessage() for r in caplog.records if r.name == "carlib.greedy"]
+    got = [r.getMessage() for r in caplog.records if r.name == "carlib.pruning.greedy"]
     matches = [LINE.match(m) for m in got]
     assert all(matches), got
     return matches
@@ -42,7 +42,7 @@ def no_tty(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
 def test_one_line_per_step_with_elapsed_and_eta(caplog, monkeypatch):
     no_tty(monkeypatch)
     model, data = small_case()
-    caplog.set_level(logging.INFO, logger="carlib.greedy")
+    caplog.set_level(logging.INFO, logger="carlib.pruning.greedy")
     greedy_prune(model, "conv2", data, 2, "car", log_every=0)
     got = lines(caplog)
     assert [int(m["step"]) for m in got] == [1, 2, 3, 4]
@@ -66,8 +66,8 @@ def test_rate_limit_with_a_fake_clock(caplog, monkeypatch):
         now[0] += 10
         return now[0]
 
-    monkeypatch.setattr(carlib.greedy, "time", SimpleNamespace(monotonic=tick))
-    caplog.set_level(logging.INFO, logger="carlib.greedy")
+    monkeypatch.setattr(carlib.pruning.greedy, "time", SimpleNamespace(monotonic=tick))
+    caplog.set_level(logging.INFO, logger="carlib.pruning.greedy")
     greedy_prune(model, "conv2", data, 1, "l1", log_every=25)  # 5 steps, at 20, 30, ..., 60 s
     got = lines(caplog)
     # the first step always, then one once 25 s have passed since the last, and the last step
@@ -79,7 +79,7 @@ def test_rate_limit_with_a_fake_clock(caplog, monkeypatch):
 def test_silent_without_progress_and_on_a_terminal(caplog, monkeypatch):
     err = no_tty(monkeypatch)
     model, data = small_case()
-    caplog.set_level(logging.INFO, logger="carlib.greedy")
+    caplog.set_level(logging.INFO, logger="carlib.pruning.greedy")
     greedy_prune(model, "conv2", data, 4, "l1", progress=False, log_every=0)
     assert caplog.records == [] and err.getvalue() == ""
     monkeypatch.setattr(sys, "stderr", Terminal())
@@ -93,7 +93,7 @@ def test_silent_without_progress_and_on_a_terminal(caplog, monkeypatch):
 def test_lines_go_to_stderr_where_logging_is_not_configured(monkeypatch):
     err = no_tty(monkeypatch)
     model, data = small_case()
-    monkeypatch.setattr(logging.getLogger("carlib.greedy"), "propagate", False)
+    monkeypatch.setattr(logging.getLogger("carlib.pruning.greedy"), "propagate", False)
     greedy_prune(model, "conv2", data, 4, "l1", log_every=0)
     out = err.getvalue().splitlines()
     assert [LINE.match(x)["step"] for x in out] == ["1", "2"]

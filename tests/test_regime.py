@@ -15,14 +15,14 @@ from conftest import randomize_bn, self_labelled
 from test_greedy import Toy, groups
 
 from carlib import CarlibError, greedy_prune
-from carlib.criteria import Criterion, get_criterion, make_car, register_criterion
-from carlib.data import hold_out, load_dataset, scoring_subset, targets
-from carlib.evaluate import evaluate, image_hits
-from carlib.greedy import Candidate, choose, random_keys
+from carlib.analysis.stats import car_interval, mean_interval, paired_difference
+from carlib.data.datasets import hold_out, load_dataset, scoring_subset, targets
+from carlib.data.shapes import ALL_SHAPES, HARD, make_shapes
 from carlib.models import build_model
-from carlib.scoring import TallyMemo
-from carlib.shapes import ALL_SHAPES, HARD, make_shapes
-from carlib.stats import car_interval, mean_interval, paired_difference
+from carlib.pruning.criteria import Criterion, get_criterion, make_car, register_criterion
+from carlib.pruning.greedy import Candidate, choose, random_keys
+from carlib.scoring.engine import TallyMemo
+from carlib.scoring.evaluate import evaluate, image_hits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -273,7 +273,7 @@ def test_hard_shapes_preset_and_knobs():
 def test_pooled_color_count_is_the_exact_convolution():
     from scipy.stats import hypergeom
 
-    from carlib.color import pooled_color_count
+    from carlib.analysis.color import pooled_color_count
 
     runs = [{"layer_live": 24, "layer_color_selective": 20, "live_in_top_k": 12,
              "color_selective": 11},

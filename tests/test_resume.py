@@ -16,9 +16,9 @@ from test_experiments import ROOT, TINY
 from test_schedules import small_case
 
 import carlib
-from carlib.checkpointing import RunState, fingerprint
-from carlib.greedy import global_prune, greedy_prune
 from carlib.models import build_model
+from carlib.pruning.greedy import global_prune, greedy_prune
+from carlib.pruning.state import RunState, fingerprint
 
 
 def test_state_of_another_carlib_version_is_not_resumed(tmp_path, monkeypatch):

@@ -11,11 +11,11 @@ from conftest import self_labelled
 from test_experiments import TINY, run
 from torch import nn
 
-import carlib.criteria
+import carlib.pruning.criteria
 from carlib import CarlibError, MaskedNet, greedy_prune
-from carlib.greedy import global_prune
-from carlib.scoring import naive_tally
-from carlib.stats import car_interval
+from carlib.analysis.stats import car_interval
+from carlib.pruning.greedy import global_prune
+from carlib.scoring.engine import naive_tally
 
 
 class TwoLayer(nn.Module):
@@ -166,14 +166,14 @@ def test_global_car_matches_brute_force(k, one_thread):
 def test_intervals_come_from_the_flip_counts_of_the_chosen_filter(monkeypatch):
     data = groups([3, 1, 4, 2])
     seen = []
-    real = carlib.criteria.tally
+    real = carlib.pruning.criteria.tally
 
     def spy(cut, candidates, metric="top1", *args, **kw):
         t = real(cut, candidates, metric, *args, **kw)
         seen.append(t)
         return t
 
-    monkeypatch.setattr(carlib.criteria, "tally", spy)
+    monkeypatch.setattr(carlib.pruning.criteria, "tally", spy)
     for method in ("exact", "bootstrap"):
         seen.clear()
         trace = greedy_prune(TwoLayer(), "conv1", data, 2, interval=method, progress=False)

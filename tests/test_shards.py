@@ -1,4 +1,4 @@
-"""Images split over two torchrun processes (`carlib.shards`) give one process's counts, losses
+"""Images split over two torchrun processes (`carlib.dist.shards`) give one process's counts, losses
 and scores, bit for bit. This file is also the worker script."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import torch
 from conftest import randomize_bn, self_labelled
 
 from carlib import CarlibError, MaskedNet, car_scores
-from carlib.color import channel_responses, response_color_index
-from carlib.criteria import get_criterion
-from carlib.decoded import Images
-from carlib.distributed import join, leave
-from carlib.evaluate import evaluate, image_hits
+from carlib.analysis.color import channel_responses, response_color_index
+from carlib.data.decoded import Images
+from carlib.dist.collectives import join, leave
+from carlib.dist.shards import Shard, fold, split, take
 from carlib.models import build_model
-from carlib.scoring import LayerData, hit_rates, naive_tally, tally
-from carlib.shards import Shard, fold, split, take
+from carlib.pruning.criteria import get_criterion
+from carlib.scoring.engine import LayerData, hit_rates, naive_tally, tally
+from carlib.scoring.evaluate import evaluate, image_hits
 
 LAYER = "conv2"
 

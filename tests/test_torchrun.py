@@ -22,8 +22,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 from test_experiments import ROOT, TINY
 
-from carlib.distributed import assign
-from carlib.errors import CarlibError
+from carlib.core.errors import CarlibError
+from carlib.dist.collectives import assign
 
 sys.path.insert(0, str(ROOT / "experiments"))  # the scripts' ranks module
 import ranks  # noqa: E402

@@ -5,7 +5,7 @@
 another waits for it becomes `PeerFailed`. experiments/prune.py uses them in both of its ways
 to spread a job: whole greedy runs per process (`assign`: longest first by estimated cost,
 traces gathered on rank 0), or the scoring and held-out images split by batches over the
-processes (`carlib.shards`, whose exact totals are collectives of this module). Either way
+processes (`carlib.dist.shards`, whose exact totals are collectives of this module). Either way
 every run is computed exactly as in one process and the results are byte-identical.
 """
 
@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from carlib.errors import CarlibError
+from carlib.core.errors import CarlibError
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from carlib.errors import writing
+from carlib.core.errors import writing
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> Path:

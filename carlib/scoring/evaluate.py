@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carlib import shards
-from carlib.errors import CarlibError
-from carlib.precision import float32_exact
+from carlib.core.errors import CarlibError
+from carlib.core.precision import float32_exact
+from carlib.dist import shards
 
 METRICS = ("top1", "top5", "loss")
 
@@ -63,7 +63,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 @torch.no_grad()
 def image_hits(model: nn.Module, data: Iterable, k: int = 1) -> torch.Tensor:
     """Bool per image of `data` (in order, on the CPU): the target is among the model's top-k.
-    Where `data` is split over processes (`carlib.shards`): every image of the whole set."""
+    Where `data` is split over processes (`carlib.dist.shards`): every image of the whole set."""
     with eval_mode(model):
         out = [hits(model(x), y, k).cpu() for x, y in data]
     if not out:
@@ -75,7 +75,7 @@ def image_hits(model: nn.Module, data: Iterable, k: int = 1) -> torch.Tensor:
 @float32_exact()
 def evaluate(model: nn.Module, data: Iterable) -> dict[str, float]:
     """top1, top5 (fractions), mean cross-entropy and n of `model` on `data` batches (all
-    processes' batches where `data` is split, `carlib.shards`)."""
+    processes' batches where `data` is split, `carlib.dist.shards`)."""
     counts, rows = torch.zeros(3, dtype=torch.long), []
     with eval_mode(model):
         for x, y in data:

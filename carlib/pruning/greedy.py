@@ -53,14 +53,14 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from carlib import groups
-from carlib.checkpointing import RunState
-from carlib.criteria import Criterion, get_criterion
-from carlib.errors import CarlibError
-from carlib.evaluate import check_metric, eval_mode, topk_of
-from carlib.graph import MaskedNet
-from carlib.precision import float32_exact
-from carlib.scoring import (
+from carlib.analysis.stats import METHODS, car_interval
+from carlib.core.errors import CarlibError
+from carlib.core.precision import float32_exact
+from carlib.network import groups
+from carlib.network.graph import MaskedNet
+from carlib.pruning.criteria import Criterion, get_criterion
+from carlib.pruning.state import RunState
+from carlib.scoring.engine import (
     LayerData,
     ScoringOptions,
     Tally,
@@ -70,7 +70,7 @@ from carlib.scoring import (
     hit_rates,
     tally,
 )
-from carlib.stats import METHODS, car_interval
+from carlib.scoring.evaluate import check_metric, eval_mode, topk_of
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,8 @@ def random_keys(seed: int, step: int, layers: Sequence[str], sizes: Sequence[int
 
 def _mask_deps(net: MaskedNet, module: fx.GraphModule) -> list[str]:
     """Prunable layers whose mask `module` reads: a single-point unit's mask buffer, or a
-    multi-point unit's mask module (`carlib.groups.UnitMask`, also read by its LayerNorms)."""
+    multi-point unit's mask module (`carlib.network.groups.UnitMask`, also read by its
+    LayerNorms)."""
     ids = {id(net.mask(name)): name for name in net.units}
     found = []
     for n in module.graph.nodes:
@@ -280,7 +281,7 @@ class _Progress:
     """A greedy run's progress: a tqdm bar when stderr is a terminal, else one line per step
     with elapsed time and ETA (batch jobs, SLURM and Hydra logs), at most one every
     `log_every` seconds but always for the first and the last step. Lines go to the
-    `carlib.greedy` logger at INFO (Hydra writes it to <run dir>/<job>.log and the console),
+    `carlib.pruning.greedy` logger at INFO (Hydra writes it to <run dir>/<job>.log and the console),
     or to stderr where logging is not configured. `enabled=False`: neither.
 
     The ETA is the elapsed time per unit of work so far times the work left, a step's work
@@ -536,17 +537,17 @@ def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
     """Prune conv `layer` greedily down to `n_keep` filters, `k` per step; model unchanged.
 
     `data` is the scoring set ((inputs, targets) batches); `eval_data`, if given, is the held-out
-    set whose top-1 accuracy is recorded after every step. Criteria: see `carlib.criteria` (a
-    name or a `Criterion`; "car" with `metric`: top1 | top5 | loss).
-    `interval` ("exact" | "bootstrap", `carlib.stats`) gives CAR rows `score_lo`/`score_hi`
+    set whose top-1 accuracy is recorded after every step. Criteria: see `carlib.pruning.criteria`
+    (a name or a `Criterion`; "car" with `metric`: top1 | top5 | loss).
+    `interval` ("exact" | "bootstrap", `carlib.analysis.stats`) gives CAR rows `score_lo`/`score_hi`
     where the scoring engine provides flip counts. With `state`, progress is saved after every
     step and resumed from there. `progress`: a bar when stderr is a terminal, else a line per
     step with elapsed time and ETA (at most one every `log_every` seconds) to the
-    `carlib.greedy` logger (stderr where logging is not configured); False: neither. `mode`:
-    the CAR scoring engine's mode (`carlib.scoring`; "naive" is the slow reference). `memo`: a
-    `carlib.scoring.TallyMemo` shared by runs on the same model and `data`, so the pruned
+    `carlib.pruning.greedy` logger (stderr where logging is not configured); False: neither. `mode`:
+    the CAR scoring engine's mode (`carlib.scoring.engine`; "naive" is the slow reference). `memo`:
+    a `carlib.scoring.engine.TallyMemo` shared by runs on the same model and `data`, so the pruned
     networks they share are counted once (same results, less work). `options`: the engine's
-    pass sizes, cache placement and precision (`carlib.scoring.ScoringOptions`; None: the
+    pass sizes, cache placement and precision (`carlib.scoring.engine.ScoringOptions`; None: the
     defaults of the model's device).
     """
 

@@ -1,9 +1,9 @@
 """Image sets split over processes by whole batches, with totals that are one process's, bit
 for bit.
 
-Under torchrun (`carlib.distributed.join`), each of W processes can hold every W-th batch of
+Under torchrun (`carlib.dist.collectives.join`), each of W processes can hold every W-th batch of
 the scoring and held-out sets: global batches r, r + W, r + 2W, ... on rank r (`split`, a
-`Shard` on `carlib.decoded.Images.shard`). It reads, decodes and scores only those. Whatever
+`Shard` on `carlib.data.decoded.Images.shard`). It reads, decodes and scores only those. Whatever
 a pass over such a set sums is then made whole on every rank:
 
 - counts (hits, flips, images, per-class hits) are summed over the processes (`counts`, an
@@ -31,8 +31,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from carlib.distributed import collective
-from carlib.errors import CarlibError
+from carlib.dist.collectives import collective
+from carlib.core.errors import CarlibError
 
 T = TypeVar("T")
 
@@ -87,7 +87,7 @@ def _spread(data: object) -> Shard | None:
     if not dist.is_initialized() or dist.get_world_size() != shard.world:
         raise CarlibError(f"the data is split over {shard.world} processes, but this process "
                           "is not in a process group of that size; start the processes with "
-                          "torchrun (carlib.distributed.join) or use the whole set")
+                          "torchrun (carlib.dist.collectives.join) or use the whole set")
     return shard
 
 

@@ -1,13 +1,13 @@
 """Approximate CAR greedy pruning: faster, not exact. Every option is off by default.
 
 - `taylor_m`: pre-screen the remaining filters with the first-order Taylor criterion
-  (`carlib.criteria.taylor`) and score exactly (CAR) only the m least important.
+  (`carlib.pruning.criteria.taylor`) and score exactly (CAR) only the m least important.
 - `k`: remove the k lowest-scoring filters per rescoring instead of one.
 - `subset`: score on a seeded random subset of that many scoring images.
 
 With all options off, `approx_greedy` removes the same filters as `greedy_prune` (same CAR
-tallies, same tie rules: `carlib.greedy.choose`). benchmarks/approx_agreement.py measures how
-far each option drifts from exact greedy.
+tallies, same tie rules: `carlib.pruning.greedy.choose`). benchmarks/approx_agreement.py measures
+how far each option drifts from exact greedy.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from carlib.criteria import taylor
-from carlib.errors import CarlibError
-from carlib.evaluate import check_metric, eval_mode
-from carlib.graph import MaskedNet
-from carlib.greedy import Candidate, choose
-from carlib.scoring import LayerData, example_of, tally
+from carlib.core.errors import CarlibError
+from carlib.network.graph import MaskedNet
+from carlib.pruning.criteria import taylor
+from carlib.pruning.greedy import Candidate, choose
+from carlib.scoring.engine import LayerData, example_of, tally
+from carlib.scoring.evaluate import check_metric, eval_mode
 
 
 def random_subset(data: Iterable, size: int, seed: int = 0) -> list:

@@ -1,8 +1,8 @@
 """CAR scoring: network accuracy with each candidate filter removed, as exact counts.
 
 For a layer, the network is cut at the layer's mask point (`MaskedNet.split`): the prefix runs
-once per scoring batch and is cached where `carlib.cache` plans it (`LayerData`). Three modes
-then count hits per candidate:
+once per scoring batch and is cached where `carlib.scoring.cache` plans it (`LayerData`). Three
+modes then count hits per candidate:
 
 - "fast" (default): the suffix is cut again at the layer's consumers
   (`MaskedNet.split_at_consumers`). Per image chunk, the consumers run once; for candidate c
@@ -29,7 +29,7 @@ exceeds rounding.
 Hit counts are exact integers; losses (float64 sums) agree across modes to float rounding.
 
 Options (`ScoringOptions`, defaults per device): the pass size (`max_bytes`, `chunk`); where
-LayerData keeps the prefix outputs (`placement` and budgets, planned by `carlib.cache`); and
+LayerData keeps the prefix outputs (`placement` and budgets, planned by `carlib.scoring.cache`); and
 the fast passes' `precision`. With "bf16" (autocast) or "tf32" (CUDA), the layers after the
 consumers run in reduced precision (the consumer subtraction, a 1/channels share of the
 work, stays float32); base logits and rechecks are float32. The guard's tolerance is then
@@ -53,12 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from carlib import cache, shards
-from carlib.cache import CachePlan
-from carlib.errors import CarlibError
-from carlib.evaluate import check_metric, eval_mode, hits, losses, model_device, topk_of
-from carlib.graph import ConsumerSplit, MaskedNet
-from carlib.precision import float32_exact
+from carlib.core.errors import CarlibError
+from carlib.core.precision import float32_exact
+from carlib.dist import shards
+from carlib.network.graph import ConsumerSplit, MaskedNet
+from carlib.scoring import cache
+from carlib.scoring.cache import CachePlan
+from carlib.scoring.evaluate import check_metric, eval_mode, hits, losses, model_device, topk_of
 
 MODES = ("fast", "plain", "naive")
 # Working memory of one batched pass (candidates x images). Small on purpose: on CPU, tensors
@@ -84,7 +85,7 @@ class ScoringOptions:
     max_bytes: working memory of one batched pass (candidates x images), about.
     chunk: candidates per pass, at most.
     placement: where LayerData keeps prefix outputs: auto | device | host | recompute
-      (`carlib.cache`); "auto" picks the first that fits the budgets.
+      (`carlib.scoring.cache`); "auto" picks the first that fits the budgets.
     cache_budget_bytes: device memory for the cache plus one pass; None: half of what is
       free when a cut is planned.
     host_budget_bytes: host memory for a "host" cache; None: half the available RAM for a
@@ -253,7 +254,7 @@ class LayerData:
     """Batches cut at `layer`: (prefix outputs, targets), computed once per scoring batch.
 
     Where the prefix outputs are kept is planned from the first batch (`plan`, `placement`;
-    see `carlib.cache`); `cache=False` recomputes them on every read. A cache stays valid
+    see `carlib.scoring.cache`); `cache=False` recomputes them on every read. A cache stays valid
     while only this layer's mask changes (the prefix does not read it). The data is checked
     as it is first read (`checked`; `what` names it in errors). `options` (default:
     `ScoringOptions.for_device` of the model's device) also set the tallies' defaults.
@@ -293,7 +294,7 @@ class LayerData:
 
     @torch.no_grad()
     def _make_plan(self, x: torch.Tensor, y: torch.Tensor) -> CachePlan:
-        """Place the cache from one probe image's prefix outputs (`carlib.cache.plan`)."""
+        """Place the cache from one probe image's prefix outputs (`carlib.scoring.cache.plan`)."""
         per_image = cache.nbytes(self.prefix(x[:1].clone())) + y[:1].nbytes
         opts = self.options
         images = cache.count_images(self.data) if self.cache else None
@@ -356,7 +357,7 @@ class Tally:
     `rechecked` is how many (candidate, image) pairs the fast path's guard recomputed.
     `flips_lost` / `flips_gained` count images that go right -> wrong / wrong -> right when
     the candidate is removed (so base_correct - correct = flips_lost - flips_gained); they
-    feed the CAR intervals of `carlib.stats`.
+    feed the CAR intervals of `carlib.analysis.stats`.
     """
 
     candidates: list[int]
@@ -422,7 +423,7 @@ class TallyMemo:
 class _Counts:
     """Accumulates a Tally from logits, batch by batch, on the logits' device (`tally` copies
     the totals to the host: one sync). Loss sums are kept per batch (`end_batch`) and added
-    up in batch order (`carlib.shards.fold`), so a set split over processes gives the same
+    up in batch order (`carlib.dist.shards.fold`), so a set split over processes gives the same
     bits as one process."""
 
     def __init__(self, candidates: list[int], k: int, per_class: bool) -> None:
@@ -483,7 +484,7 @@ class _Counts:
 
     def tally(self, data: object = None) -> Tally:
         """The totals over `data`'s batches (over all processes where it is split,
-        `carlib.shards`)."""
+        `carlib.dist.shards`)."""
         per_class = [self.cpc, self.base_cpc] if self.cpc is not None else []
         n, base, rechecked, correct, lost, gained, *cpc = shards.counts(data, [
             torch.tensor([self.n]), self.base_correct, torch.tensor([self.rechecked]),
@@ -750,7 +751,7 @@ def naive_tally(net: MaskedNet, layer: str, data: Iterable, candidates: list[int
 def hit_rates(cut: LayerData, ks: Iterable[int]) -> dict[int, float]:
     """Top-k hit fraction of the masked network on the cut's data for each k in `ks`: one
     suffix pass over the cut's (cached) prefix outputs (all processes' batches where the
-    data is split, `carlib.shards`)."""
+    data is split, `carlib.dist.shards`)."""
     ks = list(dict.fromkeys(ks))
     n, c = 0, torch.zeros(len(ks), dtype=torch.long)
     for (h, *rest), y in cut:

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from carlib.errors import CarlibError
+from carlib.core.errors import CarlibError
 
 METHODS = ("exact", "bootstrap")
 

@@ -6,15 +6,15 @@ conv if there is one (zeroing conv weights would leave the BN bias), else the co
 (which includes its bias). From there the channel must reach only conv/linear *consumers*
 through zero-preserving, channel-wise ops (ReLU, pooling, dropout, flatten); then a zero channel
 is exactly the physically removed one. Channels that reach an addition, a concatenation or the
-output (residual-coupled channels) are not single-conv units: `carlib.groups` builds those.
+output (residual-coupled channels) are not single-conv units: `carlib.network.groups` builds those.
 
 `MaskedNet.split` cuts the graph at a mask point (prefix, suffix); `split_at_consumers` cuts the
 suffix again into the ops up to the consumers, the consumers, and the rest (see `ConsumerSplit`).
 
 Given an example input, `MaskedNet` also builds the units this analysis leaves out from
-torch-pruning's dependency groups (`carlib.groups`): residual streams, concatenations, depthwise
-and grouped convs, SE gates, LayerNorms; each is masked at every point of its group and cut
-where its first mask points are (`split`), and scored on the plain path.
+torch-pruning's dependency groups (`carlib.network.groups`): residual streams, concatenations,
+depthwise and grouped convs, SE gates, LayerNorms; each is masked at every point of its group
+and cut where its first mask points are (`split`), and scored on the plain path.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from carlib import groups
-from carlib.errors import CarlibError
-from carlib.groups import Unit
+from carlib.core.errors import CarlibError
+from carlib.network import groups
+from carlib.network.groups import Unit
 
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
                  nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten)
@@ -99,7 +99,7 @@ def analyze(gm: fx.GraphModule) -> tuple[dict[str, Unit], dict[str, str]]:
 
 class _Tracer(fx.Tracer):
     """fx's tracer, keeping LayerNorm subclasses (torchvision's LayerNorm2d) as one module
-    call, so a unit can mask them (`carlib.groups.MaskedLayerNorm`)."""
+    call, so a unit can mask them (`carlib.network.groups.MaskedLayerNorm`)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, nn.LayerNorm) or super().is_leaf_module(m, qualname)
@@ -125,7 +125,7 @@ def prunable_layers(model: nn.Module, example_input: torch.Tensor | None = None)
 
 def units(model: nn.Module, example_input: torch.Tensor) -> list[Unit]:
     """Every prunable unit of `model` (traced on `example_input`, one N x C x H x W batch):
-    name, kind, channels, the convs it removes filters from (see `carlib.groups`)."""
+    name, kind, channels, the convs it removes filters from (see `carlib.network.groups`)."""
     return list(MaskedNet(model, example_input).units.values())
 
 

@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from carlib.errors import CarlibError, writing
-from carlib.shards import Shard, split
+from carlib.core.errors import CarlibError, writing
+from carlib.dist.shards import Shard, split
 
 
 class ToNormalized:
@@ -64,7 +64,7 @@ class Images:
     """A decoded image set: `images` (N x C x H x W; uint8 to be normalized by `finish`, or
     float, used as they are) and int64 `targets`, iterated in batches of `batch_size` on
     `device`. Iterable any number of times; `len` is the number of batches. With `shard`
-    (`carlib.shards.Shard`), the images are this process's batches of a set split over
+    (`carlib.dist.shards.Shard`), the images are this process's batches of a set split over
     processes, in order; passes over it give totals over the whole set."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int,
@@ -94,7 +94,7 @@ class Images:
                       self.shard)
 
     def split(self, rank: int, world: int, what: str = "scoring set") -> Images:
-        """This process's batches of the whole set (`carlib.shards.split`); itself alone."""
+        """This process's batches of the whole set (`carlib.dist.shards.split`); itself alone."""
         if world == 1:
             return self
         if self.shard is not None:

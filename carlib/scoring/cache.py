@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from carlib.errors import CarlibError
+from carlib.core.errors import CarlibError
 
 PLACEMENTS = ("auto", "device", "host", "recompute")
 DEVICE_FRACTION = 0.5  # default device budget: this share of the memory free when planning
@@ -60,7 +60,7 @@ def count_images(data: Iterable) -> int | None:
     `Images` (this process's share of a split set), a DataLoader's sampler length, or the
     targets of an in-memory sequence of batches; else one pass over `data` if it can be read
     again; None for a one-shot iterator (or malformed batches)."""
-    targets = getattr(data, "targets", None)  # carlib.decoded.Images: no batch is read
+    targets = getattr(data, "targets", None)  # carlib.data.decoded.Images: no batch is read
     if isinstance(targets, torch.Tensor):
         return len(targets)
     sampler = getattr(data, "sampler", None)

@@ -8,7 +8,7 @@ is a whole stage (block i's output is block i+1's identity), so one channel of l
 is removed together with the same channel of layer1.0.downsample.0, layer1.1.conv3 and
 layer1.2.conv3 (and input channels of layer1.1.conv1, layer1.2.conv1, layer2.0.conv1 and
 layer2.0.downsample.0). carlib scores such a *coupled* group as one residual unit
-(`carlib.groups`); `prune_physically` refuses them and `prune_coupled` removes them as whole
+(`carlib.network.groups`); `prune_physically` refuses them and `prune_coupled` removes them as whole
 units.
 
 Filter indices are always those of the full network; a pruned layer keeps its remaining
@@ -29,9 +29,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from carlib.errors import CarlibError, writing
-from carlib.evaluate import eval_mode
+from carlib.core.errors import CarlibError, writing
 from carlib.models import build_model
+from carlib.scoring.evaluate import eval_mode
 
 FORMAT = "carlib.pruned/1"
 
@@ -121,7 +121,8 @@ def removal_units(model: nn.Module, example_input: torch.Tensor,
     """The removal unit of every (ungrouped) conv layer of `model`, or of `layers`, by name.
 
     Uncoupled units are exactly the single-conv units carlib masks (`carlib.prunable_layers`)
-    for the networks in carlib.models; coupled ones are its residual units (`carlib.groups`).
+    for the networks in carlib.models; coupled ones are its residual units
+    (`carlib.network.groups`).
     """
     _check_convs(model, layers or [])
     dg = _graph(model, example_input)

@@ -15,11 +15,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from carlib.criteria import get_criterion
-from carlib.evaluate import check_metric, eval_mode
-from carlib.graph import MaskedNet
-from carlib.greedy import Trace
-from carlib.scoring import LayerData, example_of
+from carlib.network.graph import MaskedNet
+from carlib.pruning.criteria import get_criterion
+from carlib.pruning.greedy import Trace
+from carlib.scoring.engine import LayerData, example_of
+from carlib.scoring.evaluate import check_metric, eval_mode
 
 COLUMNS = ["layer", "criterion", "spearman", "kendall", "n_filters"]
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from scipy.stats import hypergeom
 
-from carlib import shards
-from carlib.graph import MaskedNet
+from carlib.dist import shards
+from carlib.network.graph import MaskedNet
 
 _OPPONENT = torch.tensor([[1 / 3**0.5, 1 / 3**0.5, 1 / 3**0.5],
                           [1 / 2**0.5, -1 / 2**0.5, 0.0],
@@ -69,7 +69,7 @@ def channel_responses(net: MaskedNet, layer: str, data: Iterable,
     (inputs passed through `transform` first, if given).
 
     Returns (images, filters): every image of the whole set where `data` is split over
-    processes (`carlib.shards`).
+    processes (`carlib.dist.shards`).
     """
     prefix, _ = net.split(layer)
     out = []

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from carlib.errors import CarlibError
+from carlib.core.errors import CarlibError
 
 STAGES = ("original", "car_pruned", "weight_pruned", "quantized", "huffman")
 FLOAT_BITS = 32

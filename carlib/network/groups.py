@@ -31,7 +31,7 @@ import torch
 import torch_pruning as tp
 from torch import fx, nn
 
-from carlib.evaluate import eval_mode
+from carlib.scoring.evaluate import eval_mode
 
 KINDS = ("conv", "residual", "concat", "split", "gate", "depthwise", "grouped", "layernorm",
          "groupnorm")
@@ -123,7 +123,7 @@ def group_units(model: nn.Module, gm: fx.GraphModule, example_input: torch.Tenso
     """Every unit of `model` (traced as `gm`) from torch-pruning's dependency groups, in model
     order, and the reason for each conv left out. Units in `simple` (single-point, fast path)
     are kept as they are."""
-    from carlib.physical import _graph  # torch-pruning's graph, traced in eval mode
+    from carlib.physical.removal import _graph  # torch-pruning's graph, traced in eval mode
 
     try:
         dg = _graph(model, example_input)

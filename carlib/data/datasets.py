@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from carlib.decoded import ToNormalized
-from carlib.errors import CarlibError, writing
-from carlib.shapes import GENERATOR_KEYS, HARD, make_shapes
+from carlib.core.errors import CarlibError, writing
+from carlib.data.decoded import ToNormalized
+from carlib.data.shapes import GENERATOR_KEYS, HARD, make_shapes
 
 DATASETS: tuple[str, ...] = ("shapes", "shapes_hard", "fashion_mnist", "cifar10", "imagenet")
 SPLITS = ("train", "val")  # where the scoring subset is drawn from
@@ -230,7 +230,7 @@ def _loader(path: str) -> object:
 
 def imagenet_transform(size: int, weights_transforms: Callable | None = None) -> Callable:
     """ImageNet preprocessing as uint8 steps then `ToNormalized`, so a decoded set can keep the
-    uint8 images (`carlib.decoded`): the weights' own (torchvision's ImageClassification:
+    uint8 images (`carlib.data.decoded`): the weights' own (torchvision's ImageClassification:
     resize, center crop, to float, normalize; the same functions in the same order), else
     resize to size * 256/224 (shorter side) and center-crop `size`."""
     from torchvision import transforms as T
@@ -338,7 +338,7 @@ def load_dataset(
     Fashion-MNIST keeps its native 28 or is zero-padded to 32 (`image_size=32`, the
     background stays black); CIFAR-10 keeps its 32. `color_label` applies to the generated
     shapes only; `generator` overrides their `make_shapes` settings ("shapes_hard": the
-    `carlib.shapes.HARD` preset). `n_train`/`n_test` take a seeded class-stratified subset (for
+    `carlib.data.shapes.HARD` preset). `n_train`/`n_test` take a seeded class-stratified subset (for
     generated shapes they set how many images are generated: default 12000/2000).
     `val_size` > 0 then holds that many training images out of training (`hold_out`).
     """

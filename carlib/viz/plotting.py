@@ -97,8 +97,8 @@ def plot_rank_agreement(df: pd.DataFrame, reference: str = "car",
                         title: str | None = None) -> plt.Figure:
     """Heatmaps (layers x criteria) of Spearman and Kendall correlation with `reference`.
 
-    `df` is `carlib.agreement.rank_agreement`'s frame; each cell is annotated with its value
-    (1 = the same ranking as the reference, 0 = unrelated, -1 = reversed). Rows sharing
+    `df` is `carlib.analysis.agreement.rank_agreement`'s frame; each cell is annotated with its
+    value (1 = the same ranking as the reference, 0 = unrelated, -1 = reversed). Rows sharing
     (layer, criterion), e.g. several seeds, are averaged.
     """
     df = df.groupby(["layer", "criterion"], sort=False)[["spearman", "kendall"]].mean(

@@ -3,7 +3,7 @@
 A criterion is a `Criterion`: a name, a scoring function (net, layer, cut, kept, metric) ->
 (scores, tally or None), with `scores[i]` the importance of filter `kept[i]` (higher = more
 important), recomputed after every removal so all criteria follow the same greedy schedule, and
-the rule that breaks ties on the score. The tally (`carlib.scoring.Tally`, hits in `metric`'s
+the rule that breaks ties on the score. The tally (`carlib.scoring.engine.Tally`, hits in `metric`'s
 top-k) counts the candidates `kept`, or none (a base-only tally: the network's own hits, which
 greedy runs record as scoring accuracy instead of measuring it again). `cut` is the layer's
 `LayerData` on the scoring set; its prefix output is the layer's channels at the mask point,
@@ -19,7 +19,7 @@ greedy runs record as scoring accuracy instead of measuring it again). `cut` is 
 - `random`: a seeded permutation (over the layer's filters, or over all listed layers' filters
   for the network-wide schedule).
 - `l1`, `l2`: L1 / L2 norm of the filter's conv weights (bias excluded; Li et al. 2016); for a
-  multi-point unit (`carlib.groups`), of the weights of every conv that loses the channel.
+  multi-point unit (`carlib.network.groups`), of the weights of every conv that loses the channel.
 - `mean_activation`: mean of a(c) over scoring images and spatial positions, where a(c) is the
   channel at its mask point (conv output, or its BatchNorm's output) passed through ReLU when a
   ReLU is the op that follows the mask point (as in conv -> [BN] -> ReLU, looking through
@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carlib import shards
-from carlib.errors import CarlibError
-from carlib.evaluate import hits, losses, topk_of
-from carlib.graph import MaskedNet
-from carlib.scoring import LayerData, Tally, tally
+from carlib.core.errors import CarlibError
+from carlib.dist import shards
+from carlib.network.graph import MaskedNet
+from carlib.scoring.engine import LayerData, Tally, tally
+from carlib.scoring.evaluate import hits, losses, topk_of
 
 Scores = tuple[torch.Tensor, Tally | None]
 ScoreFn = Callable[[MaskedNet, str, LayerData, list[int], str], Scores]
@@ -104,7 +104,7 @@ def _filter_weights(net: MaskedNet, layer: str) -> list[torch.Tensor]:
 
 
 def make_car(mode: str = "fast") -> ScoreFn:
-    """CAR counted by the scoring engine in `mode` (`carlib.scoring`: fast | plain | naive;
+    """CAR counted by the scoring engine in `mode` (`carlib.scoring.engine`: fast | plain | naive;
     all give the same counts, naive is the slow reference)."""
 
     def car(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
@@ -157,7 +157,7 @@ def relu_follows(net: MaskedNet, layer: str) -> bool:
 def _channel_mean(net: MaskedNet, layer: str, cut: LayerData, kept: list[int],
                   stat: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Mean of stat(a) over scoring images and positions, per kept channel (float64; batch
-    sums added in batch order, over all processes where the data is split: `carlib.shards`).
+    sums added in batch order, over all processes where the data is split: `carlib.dist.shards`).
 
     a = the channel at its mask point, through ReLU where one follows (see module docstring).
     """
@@ -200,7 +200,7 @@ def _gated(net: MaskedNet, layer: str, cut: LayerData, gate: torch.Tensor, h: to
 
 def taylor(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:
     """First-order Taylor importance (Molchanov et al. 2019): mean over batches of G_b(c)^2
-    (over all processes' batches where the data is split: `carlib.shards`)."""
+    (over all processes' batches where the data is split: `carlib.dist.shards`)."""
     rows, n, correct = [], 0, 0
     for (h, *extras), y in cut:
         with torch.enable_grad():

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from carlib.errors import WRITE_HINT, writing
+from carlib.core.errors import WRITE_HINT, writing
 
 VERSION = 1
 

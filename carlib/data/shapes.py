@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from carlib.errors import CarlibError
+from carlib.core.errors import CarlibError
 
 ALL_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star", "ring",
                                "pentagon", "hexagon", "semicircle", "arrow", "tee", "ell",

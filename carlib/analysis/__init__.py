@@ -1,0 +1,1 @@
+"""Analysis of runs: intervals and tests, rank agreement, per-class CAR, color, diversity."""

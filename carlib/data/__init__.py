@@ -1,0 +1,1 @@
+"""Data: datasets and splits, the generated shapes set, images decoded once."""

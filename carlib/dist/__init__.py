@@ -1,0 +1,1 @@
+"""Several processes: the process group and its collectives, images split by batches."""

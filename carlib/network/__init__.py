@@ -1,0 +1,1 @@
+"""The network as units: fx analysis of prunable filters, dependency groups, masks (MaskedNet)."""

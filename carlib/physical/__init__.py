@@ -1,0 +1,1 @@
+"""Physical removal of filters, what a network costs, and layer compression."""

@@ -1,0 +1,1 @@
+"""Pruning: criteria, the greedy loop and its trace, saved run state."""

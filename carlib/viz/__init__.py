@@ -1,0 +1,1 @@
+"""Figures: plotting helpers over tidy frames, filter galleries."""
