@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 from test_schedules import small_case
 
-import carlib.pruning.greedy
-from carlib.pruning.greedy import _duration, _work_left, global_prune, greedy_prune
+import carlib.pruning.progress
+from carlib.pruning.greedy import global_prune, greedy_prune
+from carlib.pruning.progress import duration, work_left
 
 LINE = re.compile(r"^(?P<desc>.+): step (?P<step>\d+)/(?P<total>\d+), (?P<left>\d+) filters left, "
                   r"elapsed (?P<elapsed>\S+), ETA (?P<eta>\S+)$")
@@ -66,7 +67,7 @@ def test_rate_limit_with_a_fake_clock(caplog, monkeypatch):
         now[0] += 10
         return now[0]
 
-    monkeypatch.setattr(carlib.pruning.greedy, "time", SimpleNamespace(monotonic=tick))
+    monkeypatch.setattr(carlib.pruning.progress, "time", SimpleNamespace(monotonic=tick))
     caplog.set_level(logging.INFO, logger="carlib.pruning.greedy")
     greedy_prune(model, "conv2", data, 1, "l1", log_every=25)  # 5 steps, at 20, 30, ..., 60 s
     got = lines(caplog)
@@ -100,8 +101,8 @@ def test_lines_go_to_stderr_where_logging_is_not_configured(monkeypatch):
 
 
 def test_eta_weights_steps_by_their_candidates():
-    assert _work_left(10, 1, 1, 3) == (9 + 1) + (8 + 1) + (7 + 1)
-    assert _work_left(10, 2, 4, 3) == (6 + 2) + (2 + 2) + (0 + 2)
-    assert _work_left(10, 0, 1, 3) == 3  # no tally: every step costs the same
-    assert [_duration(s) for s in (0.4, 45, 62, 3599, 7500, float("nan"))] == [
+    assert work_left(10, 1, 1, 3) == (9 + 1) + (8 + 1) + (7 + 1)
+    assert work_left(10, 2, 4, 3) == (6 + 2) + (2 + 2) + (0 + 2)
+    assert work_left(10, 0, 1, 3) == 3  # no tally: every step costs the same
+    assert [duration(s) for s in (0.4, 45, 62, 3599, 7500, float("nan"))] == [
         "0s", "45s", "1m02s", "59m59s", "2h05m", "?"]

@@ -20,7 +20,7 @@ from carlib.data.datasets import hold_out, load_dataset, scoring_subset, targets
 from carlib.data.shapes import ALL_SHAPES, HARD, make_shapes
 from carlib.models import build_model
 from carlib.pruning.criteria import Criterion, get_criterion, make_car, register_criterion
-from carlib.pruning.greedy import Candidate, choose, random_keys
+from carlib.pruning.select import Candidate, choose, random_keys
 from carlib.scoring.engine import TallyMemo
 from carlib.scoring.evaluate import evaluate, image_hits
 

@@ -1,65 +1,51 @@
 """Greedy pruning: score the remaining filters, remove the lowest, re-score, repeat.
 
-Two schedules share one loop and one `Trace` format:
+`GreedyRun` is the loop: set up once (the masked net traced on one example, the cuts of the
+scoring set, a saved state resumed), then `steps()` yields each step, so a caller can inspect,
+stop, checkpoint or plot between steps. Two schedules share it and one `Trace` format:
 
 - layer-wise (`greedy_prune`): one layer, from the full network down to `n_keep` filters.
 - network-wide (`global_prune`): the filters of all listed layers ranked together; each step
   removes the lowest-scoring filter(s) over all layers, never taking a layer below
-  `min_per_layer`.
-
-Cost of the network-wide schedule. Scores that depend only on a layer's own weights (l1, l2,
-random) or on its prefix (mean_activation, apoz) are reused while those are unchanged
-(`Criterion.depends`), so a step re-scores only the layer(s) that lost a filter (and, for the
-prefix ones, the layers downstream of them). CAR, loss and taylor scores change when a filter
-is removed anywhere, so exact greedy CAR re-scores every layer that can still lose a filter at
-every step: a step with n_i filters left in layer i costs sum_i n_i candidate passes on the
-suffix from layer i, plus a prefix pass for each layer downstream of a removal. Over a run,
-`global_cost` counts candidate evaluations: with N filters in all, ceil(n_remove / k) steps
-cost about sum_s (N - s*k), against sum_i sum_s (n_i - s*k) over the steps of layer-wise runs
-of the same layers; halving L equal layers is about L times the layer-wise cost, halving sizes
-n_i about N * sum(n_i) / sum(n_i^2) times. AlexNet-small conv1+conv2 (24 + 48 filters, the
-default): 1,962 vs 1,098 evaluations, 1.8x. ResNet-50's five preset layers (64, 64, 128, 256,
-512): 393,472 vs 132,352, 3.0x in evaluations, far more in time: the stem, whose candidates run
-the whole network, is re-scored at all 512 steps (about 16x its layer-wise work if it loses
-filters at the average rate). The stem and all 32 bottleneck conv1/conv2 layers of ResNet-50
-(7,616 filters, halved): 21.8M vs 0.95M evaluations, 23x.
+  `min_per_layer`. What this costs against layer-wise runs: `carlib.pruning.cost`.
 
 Each step removes `k` filters (default 1, the paper's) and all criteria are recomputed after
-every step (or reused where they cannot have changed, see above). Ties on the score go by the
-criterion's tie rule: the smaller loss increase on the scoring set (`tie_break="loss"`) or a
-seeded random order (`"random"`, drawn afresh each step), then the earlier layer (in the order
-given) and lower filter index. Each row records
-how many filters tied on its score and which rule decided (empty when the score alone did),
-and `Trace.regime()` sums this up with the full network's scoring top-1: a criterion like CAR
-says something only where its scores decide, i.e. where the network does not fit its scoring
-set (see REPRODUCING.md). With a `RunState`, the trace is saved after every step and a run
-started again with the same key continues where it stopped.
+every step (or reused where they cannot have changed, `Criterion.depends`). Ties on the score
+go by the criterion's tie rule: the smaller loss increase on the scoring set
+(`tie_break="loss"`) or a seeded random order (`"random"`, drawn afresh each step), then the
+earlier layer (in the order given) and lower filter index (`carlib.pruning.select`). Each row
+records how many filters tied on its score and which rule decided (empty when the score alone
+did), and `Trace.regime()` sums this up with the full network's scoring top-1: a criterion like
+CAR says something only where its scores decide, i.e. where the network does not fit its
+scoring set (see REPRODUCING.md). With a `RunState`, the trace is saved after every step and a
+run started again with the same key continues where it stopped.
+
+Approximate options of the same loop (`GreedySettings`, off by default; `carlib.pruning.approx`):
+`prefilter` screens each layer's remaining filters with the first-order Taylor criterion and
+scores only the m least important; `subset` scores on a seeded random subset of the scoring set.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import sys
-import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import groupby
+from functools import partial
 
-import numpy as np
-import pandas as pd
 import torch
-from torch import fx, nn
-from tqdm.auto import tqdm
+from torch import nn
 
 from carlib.analysis.stats import METHODS, car_interval
 from carlib.core.errors import CarlibError
 from carlib.core.precision import float32_exact
-from carlib.network import groups
 from carlib.network.graph import MaskedNet
-from carlib.pruning.criteria import Criterion, get_criterion
+from carlib.pruning.cost import global_cost
+from carlib.pruning.criteria import Criterion, get_criterion, taylor
+from carlib.pruning.progress import Progress, work_left
+from carlib.pruning.select import Candidate, Pick, choose, random_keys
 from carlib.pruning.state import RunState
+from carlib.pruning.trace import Trace
+from carlib.scoring.cuts import Cuts, random_subset
 from carlib.scoring.engine import (
     LayerData,
     ScoringOptions,
@@ -72,179 +58,46 @@ from carlib.scoring.engine import (
 )
 from carlib.scoring.evaluate import check_metric, eval_mode, topk_of
 
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Trace:
-    """What a greedy run did: filters in removal order and one row per removed filter.
-
-    Step 0 (one row, nothing removed) is the start. With `k` > 1 a step removes several
-    filters: one row each, sharing `step` and the measurements taken after the whole step
-    (`filters_remaining`, `scoring_acc`, `heldout_top1`). The network-wide schedule adds a
-    `layer` (the removed filter's; empty at step 0) and `layer_remaining` to every row, and
-    `filters_remaining` counts all listed layers. `initial_scores[layer]` holds the
-    criterion's score of every filter of the layer on the full network (its first scoring);
-    `scoring_top1` is the full network's top-1 accuracy on the scoring set.
-    """
-
-    layer: str
-    criterion: str
-    metric: str
-    seed: int
-    num_filters: int
-    removed: list[int] = field(default_factory=list)
-    steps: list[dict] = field(default_factory=list)
-    schedule: str = "layerwise"
-    layers: list[str] = field(default_factory=list)
-    removed_layers: list[str] = field(default_factory=list)
-    initial_scores: dict[str, list[float]] = field(default_factory=dict)
-    scoring_top1: float | None = math.nan  # None: pending in a saved state (see `_prune`)
-    resumed_at: int = 0  # finished steps loaded from a saved state (not saved itself)
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per removed filter (plus step 0); `removed_filter` is <NA> at step 0."""
-        df = pd.DataFrame(self.steps)
-        if "layer" in df:
-            df.insert(0, "layer", df.pop("layer"))
-        else:
-            df.insert(0, "layer", self.layer)
-        df.insert(1, "criterion", self.criterion)
-        df.insert(2, "seed", self.seed)
-        if self.schedule == "global":  # the run's unit: every listed layer, in order
-            df.insert(1, "layers", "+".join(self.layers))
-        for col in ("removed_filter", "layer_remaining"):
-            if col in df:
-                df[col] = df[col].astype("Int64")
-        return df
-
-    def regime(self) -> dict:
-        """Whether the run is in CAR's regime: the full network's scoring top-1, and how many
-        removals the score decided alone (`decided`: the share without a tie to break)."""
-        rows = [r for r in self.steps if r["step"] > 0]
-        tied = sum(1 for r in rows if r["tie_break"])
-        return {"scoring_top1": self.scoring_top1, "removals": len(rows), "tied": tied,
-                "decided": 1 - tied / len(rows) if rows else math.nan}
-
-    def pruned(self, model: nn.Module, example_input: torch.Tensor | None = None) -> MaskedNet:
-        """A masked view of `model` (sharing its weights) with this trace's filters removed;
-        `example_input` (one batch) is needed where the trace removed multi-point units."""
-        net = MaskedNet(model, example_input)
-        for name, f in zip(self.removed_layers, self.removed):
-            net.remove(name, [f])
-        return net
-
-    def to_state(self) -> dict:
-        """The trace as JSON-ready data (see `from_state`)."""
-        return {k: v for k, v in vars(self).items() if k != "resumed_at"}
-
-    @classmethod
-    def from_state(cls, state: dict) -> Trace:
-        trace = cls(**state)
-        trace.resumed_at = len({row["step"] for row in trace.steps}) - 1
-        return trace
+__all__ = ["Candidate", "GreedyRun", "GreedySettings", "Step", "Trace", "choose", "global_cost",
+           "global_prune", "greedy_prune"]
 
 
 @dataclass(frozen=True)
-class Candidate:
-    layer: str
-    filter: int
-    score: float
+class GreedySettings:
+    """How a greedy run goes: everything but the model, the data and what runs share.
 
-
-def choose(cands: list[Candidate], m: int, room: dict[str, int],
-           tie_key: Callable[[list[Candidate]], list[float]], order: Sequence[str],
-           rule: str = "loss") -> list[tuple[Candidate, int, str]]:
-    """The `m` lowest-scoring candidates, at most `room[layer]` from each layer.
-
-    Among equal scores the smaller `tie_key` (the loss increase, or a random draw; asked only
-    when a tie has to be broken) wins, then the earlier layer in `order`, then the lower index.
-    Returns (candidate, number tied on its score, rule) per pick, with rule "" where no tie had
-    to be broken, else `rule` if its key beat every passed-over tied filter's, else "index".
+    `n_remove`: filters to remove, or a function of the masked net that checks and returns it;
+    `min_keep`: filters every layer keeps (or per layer). `interval`: "exact" | "bootstrap"
+    (`carlib.analysis.stats`); `mode`: the CAR engine's mode; `options`: its pass sizes, cache
+    placement and precision. `prefilter`, `subset`: the approximate options (module doc).
     """
-    room, rank = dict(room), {name: i for i, name in enumerate(order)}
-    picks: list[tuple[Candidate, int, str]] = []
-    ranked = sorted(cands, key=lambda c: (c.score, rank[c.layer], c.filter))
-    for _, grp in groupby(ranked, key=lambda c: c.score):
-        group = list(grp)
-        eligible = [c for c in group if room[c.layer] > 0]
-        slots = m - len(picks)
-        if slots == 0:
-            break
-        key = {}
-        per_layer = Counter(c.layer for c in eligible)
-        if min(slots, sum(min(v, room[n]) for n, v in per_layer.items())) < len(eligible):
-            key = dict(zip(eligible, tie_key(eligible)))
-            eligible.sort(key=lambda c: (key[c], rank[c.layer], c.filter))
-        chosen = []
-        for c in eligible:
-            if len(chosen) < slots and room[c.layer] > 0:
-                chosen.append(c)
-                room[c.layer] -= 1
-        passed = [key[c] for c in eligible if c not in chosen]
-        for c in chosen:
-            how = "" if not passed else rule if key[c] < min(passed) else "index"
-            picks.append((c, len(group), how))
-    return picks
+
+    layers: list[str]
+    n_remove: int | Callable[[MaskedNet], int]
+    min_keep: dict[str, int] | int
+    schedule: str = "layerwise"
+    metric: str = "top1"
+    seed: int = 0
+    k: int = 1
+    interval: str = "exact"
+    mode: str = "fast"
+    options: ScoringOptions | None = None
+    progress: bool = True
+    log_every: float = 30.0
+    prefilter: int | None = None
+    subset: int | None = None
 
 
-def random_keys(seed: int, step: int, layers: Sequence[str], sizes: Sequence[int]
-                ) -> dict[tuple[str, int], float]:
-    """The random tie rule's keys at `step`: one uniform draw per filter of every layer, from
-    a generator seeded by (seed, step), so a resumed run draws the same."""
-    draws = np.random.default_rng([seed, step]).random(sum(sizes))
-    start = np.cumsum([0, *sizes])
-    return {(name, f): float(draws[start[i] + f]) for i, name in enumerate(layers)
-            for f in range(sizes[i])}
+@dataclass
+class Step:
+    """One step of a greedy run: the picks (candidate with its score, how many tied on it, the
+    rule that decided), the trace rows it added (`scoring_acc` None until measured) and every
+    candidate scored before it."""
 
-
-def _mask_deps(net: MaskedNet, module: fx.GraphModule) -> list[str]:
-    """Prunable layers whose mask `module` reads: a single-point unit's mask buffer, or a
-    multi-point unit's mask module (`carlib.network.groups.UnitMask`, also read by its
-    LayerNorms)."""
-    ids = {id(net.mask(name)): name for name in net.units}
-    found = []
-    for n in module.graph.nodes:
-        if n.op == "get_attr" and n.users:
-            found.append(id(getattr(module, n.target, None)))
-        elif n.op == "call_module":
-            found.extend(id(m) for m in groups.mask_buffers(module.get_submodule(n.target)))
-    return list(dict.fromkeys(ids[i] for i in found if i in ids))
-
-
-class _Cuts:
-    """`LayerData` per layer, rebuilt when a mask its (cached) prefix reads has changed; their
-    tallies go through `memo` if given."""
-
-    def __init__(self, net: MaskedNet, data: Iterable, memo: TallyMemo | None = None,
-                 what: str = "scoring set", options: ScoringOptions | None = None) -> None:
-        self.net, self.data, self.memo, self.what = net, data, memo, what
-        self.options = options
-        self._cuts: dict[str, tuple[LayerData, list[tuple[str, torch.Tensor]]]] = {}
-
-    def valid(self, layer: str) -> LayerData | None:
-        """The layer's cut if one was made and the masks its prefix reads are unchanged."""
-        entry = self._cuts.get(layer)
-        if entry is None or any(not torch.equal(self.net.mask(n), m) for n, m in entry[1]):
-            return None
-        return entry[0]
-
-    def get(self, layer: str) -> LayerData:
-        cut = self.valid(layer)
-        if cut is None:
-            cut = LayerData(self.net, layer, self.data, what=self.what, options=self.options)
-            cut.memo = self.memo
-            deps = [(n, self.net.mask(n).clone()) for n in _mask_deps(self.net, cut.prefix)]
-            self._cuts[layer] = (cut, deps)
-        return cut
-
-    def any(self, prefer: Sequence[str]) -> LayerData:
-        """A cut of the network as it is now that needs no prefix pass if one exists: the
-        first valid one in `prefer` whose prefix outputs are cached, else the first valid one,
-        else a new one of prefer[0]. Any cut gives the same network outputs."""
-        valid = [c for c in map(self.valid, prefer) if c is not None]
-        cached = [c for c in valid if c.filled]
-        return (cached or valid or [self.get(prefer[0])])[0]
+    step: int
+    picks: list[Pick]
+    rows: list[dict]
+    candidates: list[Candidate] = field(default_factory=list)
 
 
 def _interval(t: Tally | None, f: int, metric: str, method: str, seed: int
@@ -258,88 +111,13 @@ def _interval(t: Tally | None, f: int, metric: str, method: str, seed: int
     return float(lo), float(hi)
 
 
-def _duration(seconds: float) -> str:
-    """45s, 1m02s, 2h05m (? when unknown)."""
-    if not math.isfinite(seconds):
-        return "?"
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+class GreedyRun:
+    """A greedy run over `settings.layers` of `model` (left unchanged: a masked view is pruned).
 
-
-def _is_terminal(stream: object) -> bool:
-    try:
-        return bool(stream.isatty())  # type: ignore[attr-defined]
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
-
-
-class _Progress:
-    """A greedy run's progress: a tqdm bar when stderr is a terminal, else one line per step
-    with elapsed time and ETA (batch jobs, SLURM and Hydra logs), at most one every
-    `log_every` seconds but always for the first and the last step. Lines go to the
-    `carlib.pruning.greedy` logger at INFO (Hydra writes it to <run dir>/<job>.log and the console),
-    or to stderr where logging is not configured. `enabled=False`: neither.
-
-    The ETA is the elapsed time per unit of work so far times the work left, a step's work
-    being its candidate evaluations plus base passes for criteria that tally, else 1.
-    """
-
-    def __init__(self, desc: str, bar_desc: str, total: int, done: int, n_remove: int,
-                 removed: int, enabled: bool, log_every: float,
-                 clock: Callable[[], float] | None = None) -> None:
-        tty = _is_terminal(sys.stderr)
-        self.bar = tqdm(total=n_remove, initial=removed, leave=False, desc=bar_desc,
-                        disable=not (enabled and tty))
-        self.lines = enabled and not tty
-        self.desc, self.total, self.first, self.log_every = desc, total, done + 1, log_every
-        self.clock = clock or time.monotonic
-        self.start = self.clock()
-        self.last: float | None = None  # when the last line was written
-        self.work = 0.0  # done in this process
-
-    def update(self, step: int, removed: int, left: int, acc: float | None, work: float,
-               work_left: float) -> None:
-        self.bar.update(removed)
-        if acc is not None:
-            self.bar.set_postfix(acc=f"{acc:.3f}")
-        if not self.lines:
-            return
-        now = self.clock()
-        self.work += work
-        if (step not in (self.first, self.total) and self.last is not None
-                and now - self.last < self.log_every):
-            return
-        self.last = now
-        elapsed = now - self.start
-        eta = elapsed / self.work * work_left if self.work > 0 else math.nan
-        line = (f"{self.desc}: step {step}/{self.total}, {left} filters left, "
-                f"elapsed {_duration(elapsed)}, ETA {_duration(eta)}")
-        if log.hasHandlers():
-            log.info(line)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _work_left(candidates: int, bases: int, k: int, steps: int) -> float:
-    """Work of the `steps` steps left after one that scored `candidates` filters in `bases`
-    tallies (every step loses k candidates); steps that do not tally count 1 each."""
-    if not bases:
-        return float(steps)
-    return float(sum(max(candidates - j * k, 0) + bases for j in range(1, steps + 1)))
-
-
-def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
-           eval_data: Iterable | None, n_remove: int, min_keep: dict[str, int], k: int,
-           interval: str, progress: bool, log_every: float, save: Callable[[Trace], None],
-           memo: TallyMemo | None, options: ScoringOptions | None = None) -> Trace:
-    """The shared greedy loop over `trace.layers`; continues `trace` where it stopped.
+    Construction checks the settings and sets up once: the criterion, the masked net (traced
+    on one example of `data`), the cuts of the scoring set (and of `eval_data`, whose top-1 is
+    recorded after every step), and the trace resumed from `state` under `key` if saved.
+    `steps()` then runs the loop; `run()` runs it to the end.
 
     Scoring accuracy (top-k hits of the run's metric, loss: top-1) comes without a pass of its
     own where a tally counted it: the chosen filter's count (one removal per step), else the
@@ -347,176 +125,268 @@ def _prune(net: MaskedNet, trace: Trace, score_fn: Criterion, data: Iterable,
     with `scoring_acc` None, saved so, until then); otherwise, and at the last step, one
     suffix pass over a cached prefix. The same holds for `scoring_top1` at step 0.
     """
-    layers, metric, network_wide = trace.layers, trace.metric, trace.schedule == "global"
-    scored_in = score_fn.run_metric(metric)  # the criterion's own metric (loss: "loss")
-    k_acc, k_tally = topk_of(metric), topk_of(scored_in)  # the k their hits count
-    cuts = _Cuts(net, data, memo, options=options)
-    held = (_Cuts(net, eval_data, what="held-out set (eval_data)", options=options)
-            if eval_data is not None else None)
-    sizes = [net.unit(name).num_filters for name in layers]
-    for name, f in zip(trace.removed_layers, trace.removed):
-        net.remove(name, [f])
-    # scores reused while what they depend on is unchanged (Criterion.depends)
-    reuse: dict[str, tuple[list[int], LayerData | None, list[float]]] = {}
 
-    def score(name: str, kept: list[int]) -> tuple[list[float], Tally | None, bool]:
-        """The layer's scores of `kept`, its tally, and whether they were computed now."""
-        old = reuse.get(name)
-        if old is not None and old[0] == kept and score_fn.depends == "weights":
-            return old[2], None, False
-        cut = cuts.get(name)
+    def __init__(self, model: nn.Module, criterion: str | Criterion, data: Iterable,
+                 settings: GreedySettings, *, eval_data: Iterable | None = None,
+                 memo: TallyMemo | None = None, state: RunState | None = None,
+                 key: dict | None = None) -> None:
+        s = self.settings = settings
+        _check(s)
+        self.model, self.layers, self.state, self.key = model, s.layers, state, key or {}
+        if memo is not None:
+            memo.check(model, data)
+        if memo is not None and s.subset:
+            raise CarlibError("subset: a TallyMemo counts the whole scoring set; use no memo")
+        network_wide = s.schedule == "global"
+        self.criterion = get_criterion(criterion, s.seed, s.layers if network_wide else None,
+                                       s.mode)
+        name = getattr(criterion, "name", criterion)
+        self.trace = Trace("+".join(s.layers) if network_wide else s.layers[0], name, s.metric,
+                           s.seed, 0, schedule=s.schedule, layers=s.layers)
+        with eval_mode(model), torch.no_grad():
+            self._setup(data, eval_data, memo)
+        # scores reused while what they depend on is unchanged (Criterion.depends)
+        self._reuse: dict[str, tuple[list[int], LayerData | None, list[float]]] = {}
+
+    def _setup(self, data: Iterable, eval_data: Iterable | None, memo: TallyMemo | None
+               ) -> None:
+        """The masked net, the run's size, the saved trace and the cuts; replays its removals."""
+        s = self.settings
+        self.net = MaskedNet(self.model, example_of(data))
+        self.sizes = [self.net.unit(name).num_filters for name in self.layers]
+        self.min_keep = (dict.fromkeys(self.layers, s.min_keep) if isinstance(s.min_keep, int)
+                         else s.min_keep)
+        self.n_remove = s.n_remove(self.net) if callable(s.n_remove) else s.n_remove
+        if s.subset:
+            data = random_subset(data, s.subset, s.seed)
+        self.trace.num_filters = sum(self.sizes)
+        saved = self.state.load(**self.key) if self.state is not None else None
+        if saved is not None:
+            self.trace = Trace.from_state(saved)
+        scored_in = self.criterion.run_metric(s.metric)  # the criterion's own ("loss" for loss)
+        self.k_acc, self.k_tally = topk_of(s.metric), topk_of(scored_in)  # the k hits count
+        self.cuts = Cuts(self.net, data, memo, options=s.options)
+        self.held = (Cuts(self.net, eval_data, what="held-out set (eval_data)",
+                          options=s.options) if eval_data is not None else None)
+        for name, f in zip(self.trace.removed_layers, self.trace.removed):
+            self.net.remove(name, [f])
+
+    @property
+    def done(self) -> bool:
+        """Whether every filter the run removes is removed."""
+        return len(self.trace.removed) >= self.n_remove
+
+    def run(self) -> Trace:
+        """Run every step; the trace."""
+        for _ in self.steps():
+            pass
+        return self.trace
+
+    def steps(self) -> Iterator[Step]:
+        """Run the loop, yielding each step once its rows are recorded and saved (the model is
+        in eval mode until the loop ends). A caller that stops early may call `finish()` to fill
+        in a pending scoring accuracy; a new `GreedyRun` with the same state continues."""
+        with eval_mode(self.model):
+            with torch.no_grad():
+                self._start()
+            done, removed = self.trace.steps[-1]["step"], len(self.trace.removed)
+            total = done + math.ceil((self.n_remove - removed) / self.settings.k)
+            self.progress = Progress(self.trace.layer, self.trace.criterion, total, done,
+                                     self.n_remove, removed, self.settings.progress,
+                                     self.settings.log_every)
+            try:
+                while not self.done:
+                    with torch.no_grad():
+                        step = self._step()
+                    yield step
+                self.finish()
+            finally:
+                self.progress.close()
+
+    def _start(self) -> None:
+        """Step 0 of a fresh run: the full network's row (its accuracies pending), saved."""
+        if not self.trace.steps:
+            self.trace.scoring_top1 = None  # pending, like step 0's scoring_acc: see `_fill`
+            self._record(0, [], {}, None)
+            self._save()
+
+    def finish(self) -> None:
+        """Fill in a scoring accuracy still pending (one pass) and save: at the loop's end, or
+        by a caller that stopped it early."""
+        with eval_mode(self.model), torch.no_grad():
+            if self._fill([]):  # only where a run had nothing left to do after a pending step
+                self._save()
+
+    def _step(self) -> Step:
+        """Score, choose, remove, record and save one step."""
+        cands, tallies, fresh = self._score_all()
+        self._fill(fresh)  # the previous step's scoring accuracy: the network these tallies scored
+        step = self.trace.steps[-1]["step"] + 1
+        picks = self._choose(cands, tallies, step)
+        for c, _, _ in picks:
+            self.net.remove(c.layer, [c.filter])
+            self.trace.removed.append(c.filter)
+            self.trace.removed_layers.append(c.layer)
+        rows = self._record(step, picks, tallies, self._accuracy(picks, tallies, fresh))
+        self._save()
+        self._report(step, picks, fresh)
+        return Step(step, picks, rows, cands)
+
+    def _score_all(self) -> tuple[list[Candidate], dict[str, Tally | None], list[Tally]]:
+        """Every layer that can still lose a filter, scored: the candidates, each layer's tally
+        and the tallies counted now (`fresh`)."""
+        cands: list[Candidate] = []
+        tallies: dict[str, Tally | None] = {}
+        fresh: list[Tally] = []
+        for name in self.layers:
+            kept = self.net.kept(name)
+            if len(kept) <= self.min_keep[name]:
+                continue
+            scored, values, tallies[name], new = self._score(name, kept)
+            if new and tallies[name] is not None:
+                fresh.append(tallies[name])
+            if name not in self.trace.initial_scores:
+                full = [math.nan] * self.net.unit(name).num_filters
+                for f, s in zip(scored, values):
+                    full[f] = s
+                self.trace.initial_scores[name] = full
+            cands += [Candidate(name, f, s) for f, s in zip(scored, values)]
+        return cands, tallies, fresh
+
+    def _score(self, name: str, kept: list[int]
+               ) -> tuple[list[int], list[float], Tally | None, bool]:
+        """The layer's scored filters (`kept`, or those the prefilter keeps), their scores, its
+        tally, and whether they were computed now."""
+        old, depends = self._reuse.get(name), self.criterion.depends
+        if old is not None and old[0] == kept and depends == "weights":
+            return kept, old[2], None, False
+        cut = self.cuts.get(name)
         if old is not None and old[0] == kept and old[1] is cut:  # "prefix": same prefix
-            return old[2], None, False
-        scores, t = score_fn(net, name, cut, kept, metric)
+            return kept, old[2], None, False
+        scored = self._screen(name, cut, kept)
+        scores, t = self.criterion(self.net, name, cut, scored, self.settings.metric)
         values = scores.tolist()
-        if score_fn.depends != "network" and t is None:
-            reuse[name] = (kept, cut if score_fn.depends == "prefix" else None, values)
-        return values, t, True
+        if depends != "network" and t is None and scored is kept:
+            self._reuse[name] = (kept, cut if depends == "prefix" else None, values)
+        return scored, values, t, True
 
-    def fill(fresh: list[Tally]) -> bool:
+    def _screen(self, name: str, cut: LayerData, kept: list[int]) -> list[int]:
+        """`kept`, or with `prefilter` m the m least important by Taylor (in index order)."""
+        m = self.settings.prefilter
+        if m is None or m >= len(kept):
+            return kept
+        importance, _ = taylor(self.net, name, cut, kept, self.settings.metric)
+        return sorted(kept[i] for i in importance.argsort(stable=True)[:m].tolist())
+
+    def _choose(self, cands: list[Candidate], tallies: dict[str, Tally | None], step: int
+                ) -> list[Pick]:
+        """The step's removals (`carlib.pruning.select.choose`)."""
+        room = {name: len(self.net.kept(name)) - self.min_keep[name] for name in self.layers}
+        picks = choose(cands, min(self.settings.k, self.n_remove - len(self.trace.removed)),
+                       room, partial(self._tie_keys, tallies, step), self.layers,
+                       self.criterion.tie_break)
+        if not picks:  # unreachable when n_remove was checked against the per-layer minimums
+            raise CarlibError(f"no filter of {self.trace.layer} can be removed any more")
+        return picks
+
+    def _tie_keys(self, tallies: dict[str, Tally | None], step: int, group: list[Candidate]
+                  ) -> list[float]:
+        """Tie-break keys of equal-scored candidates: random draws of this step, or their loss
+        increases (from the step's tallies, else counted now)."""
+        if self.criterion.tie_break == "random":
+            draws = random_keys(self.trace.seed, step, self.layers, self.sizes)
+            return [draws[(c.layer, c.filter)] for c in group]
+        inc = {}
+        for name in dict.fromkeys(c.layer for c in group):
+            fs = [c.filter for c in group if c.layer == name]
+            t = tallies[name]
+            if t is None or not set(fs) <= set(t.candidates):  # none, or base-only
+                t = tally(self.cuts.get(name), fs, self.settings.metric)
+            inc.update({(name, f): v for f, v in zip(t.candidates, t.loss_increase().tolist())})
+        return [inc[(c.layer, c.filter)] for c in group]
+
+    def _accuracy(self, picks: list[Pick], tallies: dict[str, Tally | None],
+                  fresh: list[Tally]) -> float | None:
+        """The scoring accuracy after the step's removals, or None: pending (`_fill`)."""
+        t, f = tallies[picks[0][0].layer], picks[0][0].filter
+        if len(picks) == 1 and t is not None and f in t.candidates and self.k_tally == self.k_acc:
+            # the chosen filter's count is the network after this step
+            return int(t.correct[t.candidates.index(f)]) / t.n
+        if self.done or not fresh or self.k_tally != self.k_acc:
+            cut = self.cuts.any([picks[-1][0].layer, *self.layers])
+            return hit_rates(cut, [self.k_acc])[self.k_acc]
+        return None  # pending: the next step's tallies count it
+
+    def _fill(self, fresh: list[Tally]) -> bool:
         """Fill in pending scoring accuracies (of the network as it is now) from a fresh
         tally's base where its hits count the same k, else from one pass. Whether any was."""
+        trace, k_acc = self.trace, self.k_acc
         rows = [r for r in trace.steps if r["scoring_acc"] is None]
         ks = ({k_acc} if rows else set()) | ({1} if trace.scoring_top1 is None else set())
         if not ks:
             return False
-        rates = {k_tally: fresh[0].base_correct / fresh[0].n} if fresh else {}
+        rates = {self.k_tally: fresh[0].base_correct / fresh[0].n} if fresh else {}
         if ks - rates.keys():
             last = trace.removed_layers[-1:]
-            rates.update(hit_rates(cuts.any([*last, *layers]), ks - rates.keys()))
+            rates.update(hit_rates(self.cuts.any([*last, *self.layers]), ks - rates.keys()))
         for r in rows:
             r["scoring_acc"] = rates[k_acc]
         if trace.scoring_top1 is None:
             trace.scoring_top1 = rates[1]
         return True
 
-    def record(step: int, picks: list[tuple[Candidate, int, str]], tallies: dict,
-               acc: float | None) -> None:
-        """The step's rows; `acc` None: scoring accuracy pending (see `fill`)."""
+    def _record(self, step: int, picks: list[Pick], tallies: dict[str, Tally | None],
+                acc: float | None) -> list[dict]:
+        """Append and return the step's rows; `acc` None: scoring accuracy pending (`_fill`)."""
+        net, layers, trace = self.net, self.layers, self.trace
+        network_wide = trace.schedule == "global"
+        scored_in = self.criterion.run_metric(trace.metric)
         where = picks[-1][0].layer if picks else layers[0]
-        after = {"filters_remaining": sum(len(net.kept(n)) for n in layers),
-                 "scoring_acc": acc,
-                 "heldout_top1": (hit_rates(held.any([where, *layers]), [1])[1] if held
-                                  else math.nan)}
+        remaining = sum(len(net.kept(n)) for n in layers)
+        held = hit_rates(self.held.any([where, *layers]), [1])[1] if self.held else math.nan
+        rows = []
         for c, n_tied, rule in picks or [(None, 0, "")]:
             row: dict = {"step": step}
             if network_wide:
                 row["layer"] = c.layer if c else None
             row["removed_filter"] = c.filter if c else None
-            row["filters_remaining"] = after["filters_remaining"]
+            row["filters_remaining"] = remaining
             if network_wide:
                 row["layer_remaining"] = len(net.kept(c.layer)) if c else None
-            lo, hi = (_interval(tallies[c.layer], c.filter, scored_in, interval, trace.seed)
-                      if c else (math.nan, math.nan))
+            lo, hi = (_interval(tallies[c.layer], c.filter, scored_in, self.settings.interval,
+                                trace.seed) if c else (math.nan, math.nan))
             row.update(score=c.score if c else math.nan, score_lo=lo, score_hi=hi,
-                       tie_size=n_tied, tie_break=rule, scoring_acc=after["scoring_acc"],
-                       heldout_top1=after["heldout_top1"])
-            trace.steps.append(row)
+                       tie_size=n_tied, tie_break=rule, scoring_acc=acc, heldout_top1=held)
+            rows.append(row)
+        trace.steps.extend(rows)
+        return rows
 
-    if not trace.steps:
-        trace.scoring_top1 = None  # pending, like step 0's scoring_acc: see `fill`
-        record(0, [], {}, None)
-        save(trace)
-    done = trace.steps[-1]["step"]
-    prog = _Progress(f"{trace.layer} {trace.criterion}", f"{trace.criterion:>6} {trace.layer}",
-                     done + math.ceil((n_remove - len(trace.removed)) / k), done, n_remove,
-                     len(trace.removed), progress, log_every)
-    while len(trace.removed) < n_remove:
-        cands: list[Candidate] = []
-        tallies: dict[str, Tally | None] = {}
-        fresh: list[Tally] = []
-        for name in layers:
-            kept = net.kept(name)
-            if len(kept) <= min_keep[name]:
-                continue
-            values, tallies[name], new = score(name, kept)
-            if new and tallies[name] is not None:
-                fresh.append(tallies[name])
-            if name not in trace.initial_scores:
-                full = [math.nan] * net.unit(name).num_filters
-                for f, s in zip(kept, values):
-                    full[f] = s
-                trace.initial_scores[name] = full
-            cands += [Candidate(name, f, s) for f, s in zip(kept, values)]
-        fill(fresh)  # the previous step's scoring accuracy: the network these tallies scored
+    def _save(self) -> None:
+        """Save the trace under the run's key (with a `RunState`)."""
+        if self.state is not None:
+            self.state.save(self.trace.to_state(), **self.key)
 
-        step = trace.steps[-1]["step"] + 1
-
-        def tie_key(group: list[Candidate], tallies: dict = tallies, step: int = step
-                    ) -> list[float]:
-            if score_fn.tie_break == "random":
-                draws = random_keys(trace.seed, step, layers, sizes)
-                return [draws[(c.layer, c.filter)] for c in group]
-            inc = {}
-            for name in dict.fromkeys(c.layer for c in group):
-                fs = [c.filter for c in group if c.layer == name]
-                t = tallies[name]
-                if t is None or not set(fs) <= set(t.candidates):  # none, or base-only
-                    t = tally(cuts.get(name), fs, metric)
-                inc.update({(name, f): v for f, v in zip(t.candidates,
-                                                          t.loss_increase().tolist())})
-            return [inc[(c.layer, c.filter)] for c in group]
-
-        room = {name: len(net.kept(name)) - min_keep[name] for name in layers}
-        picks = choose(cands, min(k, n_remove - len(trace.removed)), room, tie_key, layers,
-                       score_fn.tie_break)
-        if not picks:  # unreachable when n_remove was checked against the per-layer minimums
-            raise CarlibError(f"no filter of {trace.layer} can be removed any more")
-        for c, _, _ in picks:
-            net.remove(c.layer, [c.filter])
-            trace.removed.append(c.filter)
-            trace.removed_layers.append(c.layer)
-        acc = None  # pending: the next step's tallies count it (see `fill`)
-        t, f = tallies[picks[0][0].layer], picks[0][0].filter
-        if len(picks) == 1 and t is not None and f in t.candidates and k_tally == k_acc:
-            # the chosen filter's count is the network after this step's
-            acc = int(t.correct[t.candidates.index(f)]) / t.n
-        elif len(trace.removed) == n_remove or not fresh or k_tally != k_acc:
-            acc = hit_rates(cuts.any([picks[-1][0].layer, *layers]), [k_acc])[k_acc]
-        record(step, picks, tallies, acc)
-        save(trace)
+    def _report(self, step: int, picks: list[Pick], fresh: list[Tally]) -> None:
+        """Progress after a step: its work (candidates and bases tallied) and the work left."""
         n_cands = sum(len(t.candidates) for t in fresh)  # 0 for base-only tallies
-        prog.update(step, len(picks), trace.steps[-1]["filters_remaining"],
-                    next((r["scoring_acc"] for r in reversed(trace.steps)
-                          if r["scoring_acc"] is not None), None),
-                    n_cands + len(fresh) if fresh else 1,
-                    _work_left(n_cands, len(fresh), k, prog.total - step))
-    if fill([]):  # only where a run had nothing left to do after a pending step was saved
-        save(trace)
-    prog.close()
-    return trace
+        acc = next((r["scoring_acc"] for r in reversed(self.trace.steps)
+                    if r["scoring_acc"] is not None), None)
+        self.progress.update(step, len(picks), self.trace.steps[-1]["filters_remaining"], acc,
+                             n_cands + len(fresh) if fresh else 1,
+                             work_left(n_cands, len(fresh), self.settings.k,
+                                       self.progress.total - step))
 
 
-def _run(model: nn.Module, trace: Trace, criterion: str | Criterion, data: Iterable,
-         eval_data: Iterable | None, n_remove: int | Callable[[MaskedNet], int],
-         min_keep: dict[str, int] | int, k: int, interval: str, progress: bool,
-         log_every: float, state: RunState | None, parts: dict, mode: str,
-         memo: TallyMemo | None, options: ScoringOptions | None) -> Trace:
-    """Set up the masked net and the saved state, then run the greedy loop."""
-    check_metric(trace.metric)
-    check_mode(mode)
-    if k < 1:
-        raise CarlibError(f"k={k}: remove at least one filter per step (k >= 1)")
-    if interval not in METHODS:
-        raise CarlibError(f"unknown interval method '{interval}'; valid: {', '.join(METHODS)}")
-    layers = trace.layers
-    if memo is not None:
-        memo.check(model, data)
-    score_fn = get_criterion(criterion, trace.seed,
-                             layers if trace.schedule == "global" else None, mode)
-    with eval_mode(model), torch.no_grad():
-        net = MaskedNet(model, example_of(data))
-        sizes = {name: net.unit(name).num_filters for name in layers}
-        if isinstance(min_keep, int):
-            min_keep = dict.fromkeys(layers, min_keep)
-        n = n_remove(net) if callable(n_remove) else n_remove
-        trace.num_filters = sum(sizes.values())
-        saved = state.load(**parts) if state is not None else None
-        if saved is not None:
-            trace = Trace.from_state(saved)
-        save = (lambda t: state.save(t.to_state(), **parts)) if state else lambda t: None
-        return _prune(net, trace, score_fn, data, eval_data, n, min_keep, k, interval, progress,
-                      log_every, save, memo, options)
+def _check(s: GreedySettings) -> None:
+    """CarlibError for a metric, mode, k or interval method that does not exist."""
+    check_metric(s.metric)
+    check_mode(s.mode)
+    if s.k < 1:
+        raise CarlibError(f"k={s.k}: remove at least one filter per step (k >= 1)")
+    if s.interval not in METHODS:
+        raise CarlibError(f"unknown interval method '{s.interval}'; valid: {', '.join(METHODS)}")
+    if s.prefilter is not None and s.prefilter < 1:
+        raise CarlibError(f"prefilter={s.prefilter} must be at least 1")
 
 
 def _precision_part(options: ScoringOptions | None) -> dict[str, str]:
@@ -525,6 +395,30 @@ def _precision_part(options: ScoringOptions | None) -> dict[str, str]:
     if options is None or options.precision == "float32":
         return {}
     return {"precision": options.precision}
+
+
+def _layer_removals(layer: str, n_keep: int, net: MaskedNet) -> int:
+    """The filters a layer-wise run removes to keep `n_keep` of `layer` (checked)."""
+    n_filters = net.unit(layer).num_filters
+    if not 1 <= n_keep <= n_filters:
+        raise CarlibError(f"n_keep={n_keep} is out of range for {layer}: "
+                          f"use 1..{n_filters} (it has {n_filters} filters)")
+    return n_filters - n_keep
+
+
+def _global_removals(net: MaskedNet, layers: Sequence[str], n_remove: int | None,
+                     keep_fraction: float | None, min_per_layer: int) -> int:
+    """The filters a network-wide run removes (checked against the per-layer minimum)."""
+    total = sum(net.unit(name).num_filters for name in layers)
+    most = total - len(layers) * min_per_layer
+    if n_remove is None and (keep_fraction is None or not 0 < keep_fraction <= 1):
+        raise CarlibError(f"keep_fraction={keep_fraction}: set n_remove, or keep_fraction "
+                          "in (0, 1]")
+    n = n_remove if n_remove is not None else total - round(keep_fraction * total)
+    if min_per_layer < 1 or not 0 <= n <= most:
+        raise CarlibError(f"cannot remove {n} of {total} filters keeping {min_per_layer} "
+                          f"per layer (min_per_layer >= 1); use n_remove in 0..{most}")
+    return n
 
 
 @float32_exact()
@@ -550,21 +444,14 @@ def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
     pass sizes, cache placement and precision (`carlib.scoring.engine.ScoringOptions`; None: the
     defaults of the model's device).
     """
-
-    def n_remove(net: MaskedNet) -> int:
-        n_filters = net.unit(layer).num_filters
-        if not 1 <= n_keep <= n_filters:
-            raise CarlibError(f"n_keep={n_keep} is out of range for {layer}: "
-                              f"use 1..{n_filters} (it has {n_filters} filters)")
-        return n_filters - n_keep
-
-    name = getattr(criterion, "name", criterion)
-    trace = Trace(layer, name, metric, seed, 0, layers=[layer])
-    parts = {"schedule": "layerwise", "layer": layer, "criterion": name, "metric": metric,
-             "seed": seed, "n_keep": n_keep, "k": k, "interval": interval,
-             **_precision_part(options)}
-    return _run(model, trace, criterion, data, eval_data, n_remove, n_keep, k, interval,
-                progress, log_every, state, parts, mode, memo, options)
+    settings = GreedySettings([layer], partial(_layer_removals, layer, n_keep), n_keep,
+                              metric=metric, seed=seed, k=k, interval=interval, mode=mode,
+                              options=options, progress=progress, log_every=log_every)
+    key = {"schedule": "layerwise", "layer": layer,
+           "criterion": getattr(criterion, "name", criterion), "metric": metric, "seed": seed,
+           "n_keep": n_keep, "k": k, "interval": interval, **_precision_part(options)}
+    return GreedyRun(model, criterion, data, settings, eval_data=eval_data, memo=memo,
+                     state=state, key=key).run()
 
 
 @float32_exact()
@@ -584,50 +471,15 @@ def global_prune(model: nn.Module, layers: Sequence[str], data: Iterable,
     layers = list(dict.fromkeys(layers))
     if not layers:
         raise CarlibError("global pruning needs at least one layer")
-
-    def count(net: MaskedNet) -> int:
-        total = sum(net.unit(name).num_filters for name in layers)
-        most = total - len(layers) * min_per_layer
-        if n_remove is None and (keep_fraction is None or not 0 < keep_fraction <= 1):
-            raise CarlibError(f"keep_fraction={keep_fraction}: set n_remove, or keep_fraction "
-                              "in (0, 1]")
-        n = n_remove if n_remove is not None else total - round(keep_fraction * total)
-        if min_per_layer < 1 or not 0 <= n <= most:
-            raise CarlibError(f"cannot remove {n} of {total} filters keeping {min_per_layer} "
-                              f"per layer (min_per_layer >= 1); use n_remove in 0..{most}")
-        return n
-
-    name = getattr(criterion, "name", criterion)
-    trace = Trace("+".join(layers), name, metric, seed, 0, schedule="global", layers=layers)
-    parts = {"schedule": "global", "layers": layers, "criterion": name, "metric": metric,
-             "seed": seed, "n_remove": n_remove, "keep_fraction": keep_fraction,
-             "min_per_layer": min_per_layer, "k": k, "interval": interval,
-             **_precision_part(options)}
-    return _run(model, trace, criterion, data, eval_data, count, min_per_layer, k, interval,
-                progress, log_every, state, parts, mode, memo, options)
-
-
-def global_cost(sizes: Sequence[int], n_remove: int, k: int = 1,
-                layer_remove: Sequence[int] | None = None) -> dict[str, float]:
-    """CAR candidate evaluations of the network-wide schedule and of layer-wise runs of the
-    same layers (one evaluation: the suffix from the candidate's layer over the scoring set
-    with that filter removed), and their ratio.
-
-    Network-wide: ceil(n_remove / k) steps, each tallying every layer that can still lose a
-    filter, N - s*k candidates before step s (N = sum(sizes)): exact while no layer is at its
-    minimum, an upper bound after. Layer-wise: layer i alone from sizes[i] filters, removing
-    layer_remove[i] (default: its share, sizes[i] - round(sizes[i] * (1 - n_remove / N))).
-    Per-candidate cost differs by layer (an earlier layer has a longer suffix), and the
-    network-wide schedule also recomputes a layer's prefix after a removal upstream of it.
-    """
-    total = sum(sizes)
-    if layer_remove is None:
-        keep = 1 - n_remove / total
-        layer_remove = [n - round(n * keep) for n in sizes]
-
-    def run(n: int, r: int) -> int:
-        return sum(n - s * k for s in range(math.ceil(r / k)))
-
-    glob, layerwise = run(total, n_remove), sum(map(run, sizes, layer_remove))
-    return {"global": glob, "layerwise": layerwise,
-            "ratio": glob / layerwise if layerwise else math.nan}
+    count = partial(_global_removals, layers=layers, n_remove=n_remove,
+                    keep_fraction=keep_fraction, min_per_layer=min_per_layer)
+    settings = GreedySettings(layers, count, min_per_layer, schedule="global", metric=metric,
+                              seed=seed, k=k, interval=interval, mode=mode, options=options,
+                              progress=progress, log_every=log_every)
+    key = {"schedule": "global", "layers": layers,
+           "criterion": getattr(criterion, "name", criterion), "metric": metric, "seed": seed,
+           "n_remove": n_remove, "keep_fraction": keep_fraction,
+           "min_per_layer": min_per_layer, "k": k, "interval": interval,
+           **_precision_part(options)}
+    return GreedyRun(model, criterion, data, settings, eval_data=eval_data, memo=memo,
+                     state=state, key=key).run()
