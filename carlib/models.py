@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from carlib.core.errors import CarlibError, writing
+from carlib.core.errors import CarlibError
+from carlib.core.io import atomic_write
 
 MODELS = ("alexnet_small", "lenet5", "resnet_small", "alexnet", "resnet50")
 
@@ -192,14 +193,11 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, *, widths: An
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, model_cfg: dict, meta: dict) -> None:
-    """Save weights with the model config that rebuilds them (atomic: write, then rename); an
-    OSError (read-only folder, full disk) becomes a CarlibError naming the path."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel jobs: one file each
-    with writing(path, tmp, hint="choose a writable paths.cache_dir (or model.checkpoint)"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "model_cfg": model_cfg, "meta": meta}, tmp)
-        os.replace(tmp, path)
+    """Save weights with the model config that rebuilds them (atomically, a temporary file of
+    its own for each of parallel jobs: `carlib.core.io.atomic_path`)."""
+    atomic_write(path, lambda tmp: torch.save({"state_dict": model.state_dict(),
+                                               "model_cfg": model_cfg, "meta": meta}, tmp),
+                 hint="choose a writable paths.cache_dir (or model.checkpoint)", private=True)
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:

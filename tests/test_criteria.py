@@ -166,3 +166,56 @@ def test_every_criterion_runs_and_unknown_fails():
     with pytest.raises(CarlibError,
                        match="unknown criterion 'nope'; valid: car, car_random_tie, loss, random"):
         get_criterion("nope")
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The criteria module with a copy of its registry, restored after the test."""
+    from carlib.pruning import criteria
+
+    monkeypatch.setattr(criteria, "_REGISTRY", dict(criteria._REGISTRY))
+    return criteria
+
+
+def _last_first(net, layer, cut, kept, metric):
+    return -torch.tensor(kept, dtype=torch.float64), None
+
+
+def test_registering_a_taken_name_is_an_error(registry):
+    with pytest.raises(CarlibError, match="^criterion 'l1' is already registered; choose another "
+                                          "name, or pass replace=True to replace it$"):
+        registry.register_criterion("l1", _last_first)
+    assert get_criterion("l1").fn is registry.l1  # unchanged
+    registry.register_criterion("mine", _last_first)
+    with pytest.raises(CarlibError, match="'mine' is already registered"):
+        registry.register_criterion("mine", _last_first, tie_break="random")
+    registry.register_criterion("mine", _last_first, tie_break="random", replace=True)
+    assert get_criterion("mine").tie_break == "random"
+
+
+def test_a_user_criterion_is_pruned_with_and_in_the_live_registry(registry):
+    from carlib.analysis.agreement import layer_scores
+
+    model = OneByOne(4)
+    data = [(torch.randn(6, 4, 2, 2), torch.zeros(6, dtype=torch.long))]
+    assert "last_first" not in registry.registered()
+    registry.register_criterion("last_first", _last_first, depends="weights")
+    assert registry.registered() == (*CRITERIA, "last_first")
+    t = greedy_prune(model, "conv1", data, 1, "last_first", progress=False)
+    assert t.criterion == "last_first" and t.removed == [3, 2, 1]
+    got = layer_scores(model, "conv1", data, metric="top1")  # criteria read when called
+    assert list(got) == [*CRITERIA, "last_first"]
+    assert got["last_first"].tolist() == [0.0, -1.0, -2.0, -3.0]
+
+
+def test_counts_flips_flag(registry):
+    assert [c for c in CRITERIA if registry.counts_flips(c)] == ["car", "car_random_tie", "loss"]
+    assert all(get_criterion(c).counts_flips == registry.counts_flips(c) for c in CRITERIA)
+    assert not registry.counts_flips("not registered")
+    registry.register_criterion("mine", _last_first)
+    registry.register_criterion("my_car", registry.make_car(), counts_flips=True)
+    assert not registry.counts_flips("mine") and registry.counts_flips("my_car")
+    assert registry.counts_flips(registry.Criterion("x", _last_first, counts_flips=True))

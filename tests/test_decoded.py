@@ -142,3 +142,32 @@ def test_prune_then_interpret_decode_each_image_once(tree, tmp_path, monkeypatch
          f"interpret.source={tmp_path}/prune")
     assert len(_decodes(log)) == len(files)
     assert (tmp_path / "interpret" / "color_counts.csv").is_file()
+
+
+class _Items(torch.utils.data.Dataset):
+    """Float images i (3 x 2 x 2, all i) with target i % 2; item `bad` cannot be read."""
+
+    def __init__(self, n: int = 5, bad: int | None = None) -> None:
+        self.n, self.bad = n, bad
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if i == self.bad:
+            raise OSError("truncated file")
+        return torch.full((3, 2, 2), float(i)), i % 2
+
+
+def test_memory_map_is_published_atomically(tmp_path):
+    from carlib.core.errors import CarlibError
+
+    path = tmp_path / "cache" / "x.npy"
+    plain = decode(_Items(), 2, progress=False)
+    mapped = decode(_Items(), 2, path=path, key={"k": 1}, progress=False)
+    assert torch.equal(plain[0], mapped[0]) and torch.equal(plain[1], mapped[1])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.npy", "x.npy.json"]
+    other = tmp_path / "other" / "x.npy"
+    with pytest.raises(CarlibError, match="an image could not be read"):
+        decode(_Items(bad=3), 2, path=other, key={"k": 1}, progress=False)
+    assert list(other.parent.iterdir()) == []  # the unfinished memory map is removed

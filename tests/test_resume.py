@@ -128,3 +128,61 @@ def test_sigkill_and_rerun_gives_the_identical_csv(tmp_path):
     for name in ("curves.csv", "rank_agreement.csv"):
         assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
     assert not list((tmp_path / "run").rglob("*.tmp*"))
+
+
+def test_digests_are_the_recipes_that_name_caches_and_states(tmp_path, monkeypatch):
+    """carlib.core.io.digest gives every digest the code computed before it existed: cache
+    file names, resume keys and weight fingerprints must not change."""
+    import hashlib
+    import importlib.util
+
+    import torch
+    from torch.utils.data import Subset
+
+    from carlib.core.io import digest
+
+    key = {"model": {"name": "lenet5", "width": [1, 2]}, "data": "fashion", "seed": 3, "a": None}
+    text = json.dumps(key, sort_keys=True).encode()
+    assert digest(key, algo="sha1", n=8) == hashlib.sha1(text).hexdigest()[:8]  # checkpoints
+    assert digest(key, algo="sha1", n=12) == hashlib.sha1(text).hexdigest()[:12]  # decoded
+    odd = {"path": Path("/x/y"), "z": 1.5, "b": [1, "2"]}  # not JSON: values by str
+    want = hashlib.sha256(json.dumps(odd, sort_keys=True, default=str).encode()).hexdigest()
+    assert digest(odd) == want
+    assert digest(b"abc", algo="sha1") == hashlib.sha1(b"abc").hexdigest()
+    assert digest(iter([b"a", b"bc"])) == hashlib.sha256(b"abc").hexdigest()
+
+    state = RunState(tmp_path, model="m", scoring=[1, 2])  # resume keys and state file names
+    parts = {"layer": "conv1", "criterion": "car", "seed": 0}
+    want = hashlib.sha256(json.dumps({"version": 1, "carlib": carlib.__version__,
+                                      "context": {"model": "m", "scoring": [1, 2]},
+                                      "parts": parts}, sort_keys=True, default=str).encode())
+    assert state.key(**parts) == want.hexdigest()
+    assert state.path(**parts).name == want.hexdigest()[:20] + ".json"
+
+    model = build_model("resnet_small", 6)  # weight fingerprints
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    assert fingerprint(model) == h.hexdigest()
+
+    class Folder(torch.utils.data.Dataset):  # the files behind decoded image caches
+        samples = [(str(tmp_path / f"{i}.jpg"), i % 2) for i in range(4)]
+
+    for p, _ in Folder.samples:
+        Path(p).write_bytes(b"x" * len(p))
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))  # the scripts import it by path
+    spec = importlib.util.spec_from_file_location("common_digest", ROOT / "experiments"
+                                                  / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, common)
+    spec.loader.exec_module(common)
+    for dataset, order in [(Folder(), [0, 1, 2, 3]), (Subset(Subset(Folder(), [3, 1, 2]), [2, 0]),
+                                                      [2, 3])]:
+        h = hashlib.sha1()
+        for i in order:
+            path, target = Folder.samples[i]
+            st = Path(path).stat()
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{target}\n".encode())
+        assert common._files(dataset) == h.hexdigest()

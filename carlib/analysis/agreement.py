@@ -16,35 +16,39 @@ import torch
 from torch import nn
 
 from carlib.network.graph import MaskedNet
-from carlib.pruning.criteria import get_criterion
+from carlib.pruning.criteria import get_criterion, registered
 from carlib.pruning.greedy import Trace
-from carlib.scoring.engine import LayerData, example_of
+from carlib.scoring.engine import LayerData, ScoringOptions, example_of
 from carlib.scoring.evaluate import check_metric, eval_mode
 
 COLUMNS = ["layer", "criterion", "spearman", "kendall", "n_filters"]
 
 
-def layer_scores(model: nn.Module, layer: str, data: Iterable, criteria: Sequence[str], *,
-                 metric: str = "top1", seed: int = 0,
-                 known: Mapping[str, Sequence[float]] | None = None) -> dict[str, torch.Tensor]:
+def layer_scores(model: nn.Module, layer: str, data: Iterable,
+                 criteria: Sequence[str] | None = None, *, metric: str = "top1", seed: int = 0,
+                 known: Mapping[str, Sequence[float]] | None = None,
+                 options: ScoringOptions | None = None, mode: str = "fast"
+                 ) -> dict[str, torch.Tensor]:
     """Each criterion's score of every filter of `layer` on the full network (float64).
 
+    `criteria`: names, or None for every criterion registered when called (`registered`).
     One scoring round per criterion on `data`, sharing one cached prefix; scores in `known`
     (criterion -> scores, e.g. from `scores_from_traces`) are taken as given instead.
+    `options` and `mode`: the scoring engine's (`carlib.scoring.engine`), as in `greedy_prune`.
     """
     check_metric(metric)
     known = known or {}
     out: dict[str, torch.Tensor] = {}
     with eval_mode(model), torch.no_grad():
         net = MaskedNet(model, example_of(data))
-        cut = LayerData(net, layer, data)
+        cut = LayerData(net, layer, data, options=options)
         kept = list(range(net.unit(layer).num_filters))
-        for name in criteria:
+        for name in registered() if criteria is None else criteria:
             if name in known:
                 out[name] = torch.as_tensor(known[name], dtype=torch.float64)
             else:
-                out[name] = get_criterion(name, seed)(net, layer, cut, kept,
-                                                      metric)[0].double().cpu()
+                out[name] = get_criterion(name, seed, mode=mode)(net, layer, cut, kept,
+                                                                 metric)[0].double().cpu()
     return out
 
 

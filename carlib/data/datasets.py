@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from carlib.core.errors import CarlibError, writing
+from carlib.core.errors import CarlibError
+from carlib.core.io import atomic_write_text
 from carlib.data.decoded import ToNormalized
 from carlib.data.shapes import GENERATOR_KEYS, HARD, make_shapes
 
@@ -425,15 +426,9 @@ def scoring_subset(targets: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 
 def save_indices(path: str | os.PathLike, indices: torch.Tensor | Sequence[int]) -> None:
-    """Write indices as text, one per line, atomically (path.tmp then rename); an OSError
-    becomes a CarlibError naming the path."""
-    path = Path(path)
+    """Write indices as text, one per line, atomically (`carlib.core.io.atomic_path`)."""
     values = torch.as_tensor(indices, dtype=torch.int64).ravel().tolist()
-    tmp = path.with_name(path.name + ".tmp")
-    with writing(path, tmp):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("".join(f"{v}\n" for v in values))
-        os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{v}\n" for v in values))
 
 
 def load_indices(path: str | os.PathLike) -> torch.Tensor:

@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from carlib.core.errors import CarlibError, writing
+from carlib.core.errors import CarlibError
+from carlib.core.io import atomic_path, atomic_write_text
 from carlib.dist.shards import Shard, split
 
 
@@ -159,9 +160,25 @@ def decode(dataset: Dataset, batch_size: int = 64, num_workers: int = 0, *,
     if n == 0:
         raise CarlibError(f"{desc}: the dataset is empty; give at least one image")
     loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers)
+    if path is None:
+        images, targets = _fill(loader, n, None, progress, desc)
+        return torch.from_numpy(images), targets, finish
+    path = Path(path)
+    with atomic_path(path) as tmp:  # a new .npy memory map, renamed to `path` when full
+        images, targets = _fill(loader, n, tmp, progress, desc)
+        images.flush()  # type: ignore[attr-defined]  # a memory map
+        del images
+        _meta(path).unlink(missing_ok=True)  # the key last: a file without one is decoded again
+    atomic_write_text(_meta(path), json.dumps({"key": full_key, "targets": targets.tolist()}))
+    return torch.from_numpy(np.load(path, mmap_mode="c")), targets, finish
+
+
+def _fill(loader: DataLoader, n: int, tmp: Path | None, progress: bool, desc: str
+          ) -> tuple[np.ndarray, torch.Tensor]:
+    """The `n` images and targets of `loader`, read into an array in memory, or into a new
+    .npy memory map at `tmp`."""
     images: np.ndarray | None = None
     targets = torch.empty(n, dtype=torch.int64)
-    tmp = None if path is None else Path(path).with_name(Path(path).name + ".tmp.npy")
     # a bar with a total, not tqdm(loader): tqdm.auto calls iter() on what it wraps, which
     # would start a second set of workers that decode batches nobody reads
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
@@ -175,35 +192,12 @@ def decode(dataset: Dataset, batch_size: int = 64, num_workers: int = 0, *,
             raise CarlibError(f"{desc}: an image could not be read ({e}); replace or remove the "
                               "file") from e
         if images is None:
-            images = _array((n, *x.shape[1:]), x.numpy().dtype, tmp)
+            shape, dtype = (n, *x.shape[1:]), x.numpy().dtype
+            images = (np.empty(shape, dtype) if tmp is None
+                      else np.lib.format.open_memmap(tmp, "w+", dtype, shape))
         images[at:at + len(x)] = x.numpy()
         targets[at:at + len(x)] = torch.as_tensor(y)
         at += len(x)
         bar.update(len(x))
     bar.close()
-    if tmp is not None:
-        images = _publish(images, tmp, Path(path), full_key, targets)  # type: ignore[arg-type]
-    return torch.from_numpy(images), targets, finish  # type: ignore[arg-type]
-
-
-def _array(shape: tuple[int, ...], dtype: np.dtype, tmp: Path | None) -> np.ndarray:
-    """An array to decode into: in memory, or a new .npy memory map at `tmp`."""
-    if tmp is None:
-        return np.empty(shape, dtype)
-    with writing(tmp, tmp):
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        return np.lib.format.open_memmap(tmp, "w+", dtype, shape)
-
-
-def _publish(images: np.memmap, tmp: Path, path: Path, key: dict, targets: torch.Tensor
-             ) -> np.ndarray:
-    """Move the finished memory map `tmp` to `path`, its key and targets beside it (the key
-    last: a file without its key is decoded again); returns it mapped read-only."""
-    meta = _meta(path)
-    with writing(path, tmp):
-        images.flush()
-        del images
-        meta.unlink(missing_ok=True)
-        os.replace(tmp, path)
-        meta.write_text(json.dumps({"key": key, "targets": targets.tolist()}))
-    return np.load(path, mmap_mode="c")
+    return images, targets  # type: ignore[return-value]

@@ -31,8 +31,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from carlib.dist.collectives import collective
 from carlib.core.errors import CarlibError
+from carlib.dist.collectives import broadcast, collective
 
 T = TypeVar("T")
 
@@ -152,8 +152,4 @@ def take(data: Iterable, positions: Sequence[int]) -> torch.Tensor:
 
 def agree(data: object, value: T) -> T:
     """Rank 0's `value` (measured on global batch 0) where `data` is split; else `value`."""
-    if _spread(data) is None:
-        return value
-    box = [value]
-    collective(lambda: dist.broadcast_object_list(box, src=0))
-    return box[0]
+    return value if _spread(data) is None else broadcast(value)

@@ -23,18 +23,11 @@ import operator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from carlib.core.errors import CarlibError
-from carlib.network import groups
+from carlib.network import groups, ops
 from carlib.network.groups import Unit
-
-_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                 nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten)
-_PASS_FUNCTIONS = {torch.flatten, torch.relu, F.relu, F.max_pool2d, F.avg_pool2d,
-                   F.adaptive_avg_pool2d, F.dropout}
-_PASS_METHODS = {"relu", "flatten"}
 
 
 def _is_consumer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -43,11 +36,9 @@ def _is_consumer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def _passes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether `node` is a zero-preserving, channel-wise op (ReLU, pooling, dropout, flatten)."""
-    mod = modules.get(node.target) if node.op == "call_module" else None
-    return (isinstance(mod, _PASS_MODULES)
-            or node.op == "call_function" and node.target in _PASS_FUNCTIONS
-            or node.op == "call_method" and node.target in _PASS_METHODS)
+    """Whether `node` is a zero-preserving, channel-wise op (`carlib.network.ops.PASS`: ReLU,
+    pooling, dropout, flatten)."""
+    return ops.PASS.matches(node, modules)
 
 
 def _reach(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[str], str | None]:
@@ -338,15 +329,16 @@ def _extract(gm: fx.GraphModule, keep: set[fx.Node], inputs: list[fx.Node],
 
 
 def _flatten_dims(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, int] | None:
-    """(start_dim, end_dim) of a flatten node, None for any other op."""
-    if node.op == "call_module" and isinstance(modules[node.target], nn.Flatten):
+    """(start_dim, end_dim) of a flatten node (`carlib.network.ops.FLATTEN`), None for any
+    other op."""
+    if not ops.FLATTEN.matches(node, modules):
+        return None
+    if node.op == "call_module":
         mod = modules[node.target]
         return mod.start_dim, mod.end_dim
-    if node.target is torch.flatten or node.op == "call_method" and node.target == "flatten":
-        args = [*node.args[1:], None, None]
-        start = node.kwargs.get("start_dim", args[0] if args[0] is not None else 0)
-        return start, node.kwargs.get("end_dim", args[1] if args[1] is not None else -1)
-    return None
+    args = [*node.args[1:], None, None]
+    start = node.kwargs.get("start_dim", args[0] if args[0] is not None else 0)
+    return start, node.kwargs.get("end_dim", args[1] if args[1] is not None else -1)
 
 
 def _check_path(consumer: fx.Node, start: fx.Node, modules: dict[str, nn.Module]) -> None:

@@ -1,7 +1,8 @@
 """Units as dependency groups: the channels removed together, and every place to mask them.
 
 A *unit* is a set of output channels that can only be removed together: torch-pruning's
-dependency group of a conv's output channels (`tp.DependencyGraph`). Unit channel i is, at
+dependency group of a conv's output channels (`tp.DependencyGraph`, walked once in
+`carlib.network.deps`; physical removal reads the same walk). Unit channel i is, at
 every member, the channel torch-pruning would remove with root channel i. A unit is masked at
 its *mask points*; zeroing channel i at all of them equals removing it physically (the
 coverage tests check this against torch-pruning's removal on torchvision models):
@@ -24,18 +25,17 @@ depthwise, grouped (a grouped conv reads them), layernorm, groupnorm.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch_pruning as tp
 from torch import fx, nn
 
+from carlib.network.deps import Deps, Group, Member
+from carlib.network.ops import MASK_AFTER
 from carlib.scoring.evaluate import eval_mode
 
 KINDS = ("conv", "residual", "concat", "split", "gate", "depthwise", "grouped", "layernorm",
          "groupnorm")
-_CHANNELWISE = (nn.BatchNorm2d, nn.InstanceNorm2d)  # a zero channel becomes its bias: mask after
 
 
 @dataclass(frozen=True)
@@ -93,13 +93,12 @@ def _calls(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     return out
 
 
-def _tags(items: Sequence, dg: tp.DependencyGraph) -> set[str]:
+def _tags(group: Group) -> set[str]:
     """What the group holds: the `KINDS` besides conv."""
     tags = set()
-    writers = [m for d, _ in items if isinstance(m := d.target.module, (nn.Conv2d, nn.Linear))
-               and dg.is_out_channel_pruning_fn(d.handler)]
-    for dep, _ in items:
-        mod, what = dep.target.module, repr(dep.target.module)
+    writers = [m for m in group.members if m.writer]
+    for m in group.members:
+        mod, what = m.module, repr(m.module)
         if type(mod).__name__ == "_ConcatOp":
             tags.add("concat")
         elif type(mod).__name__ in ("_SplitOp", "_UnbindOp"):
@@ -123,109 +122,126 @@ def group_units(model: nn.Module, gm: fx.GraphModule, example_input: torch.Tenso
     """Every unit of `model` (traced as `gm`) from torch-pruning's dependency groups, in model
     order, and the reason for each conv left out. Units in `simple` (single-point, fast path)
     are kept as they are."""
-    from carlib.physical.removal import _graph  # torch-pruning's graph, traced in eval mode
-
     try:
-        dg = _graph(model, example_input)
+        deps = Deps.build(model, example_input)
     except Exception as e:  # noqa: BLE001 - torch-pruning raises many types; report one line
         why = f"torch-pruning cannot trace it ({type(e).__name__}: {str(e).splitlines()[0]})"
         return dict(simple), {n: why for n, m in model.named_modules()
                               if isinstance(m, nn.Conv2d) and n not in simple}
-    names = {m: n for n, m in model.named_modules()}
-    modules = dict(model.named_modules())
-    calls = _calls(gm)
-    order = {nd.name: i for i, nd in enumerate(gm.graph.nodes)}
+    sites = _Sites(dict(model.named_modules()), _calls(gm),
+                   {nd.name: i for i, nd in enumerate(gm.graph.nodes)})
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     units, excluded, covered = {}, {}, set()
     for name in convs:
         if name in covered:
             continue
-        conv = modules[name]
         if name in simple:
             units[name] = simple[name]
             covered.add(name)
             continue
         try:
-            group = dg.get_pruning_group(conv, tp.prune_conv_out_channels,
-                                         idxs=list(range(conv.out_channels)))
+            group = deps.walk(name)
         except Exception as e:  # noqa: BLE001
             excluded[name] = f"torch-pruning has no group for it ({str(e).splitlines()[0]})"
             continue
-        unit, why = _unit(name, conv.out_channels, group.items, dg, names, modules, calls,
-                          order)
+        unit, why = _unit(group, sites)
         members = unit.convs if unit is not None else (name,)
         covered.update(members)
         if why is not None:
-            for m in members:
-                excluded[m] = why
+            excluded.update(dict.fromkeys(members, why))
         else:
             units[name] = unit
     rank = {n: i for i, n in enumerate(convs)}
     return dict(sorted(units.items(), key=lambda kv: rank[kv[0]])), excluded
 
 
-def _unit(name: str, n: int, items: Sequence, dg: tp.DependencyGraph,
-          names: dict[nn.Module, str], modules: dict[str, nn.Module],
-          calls: dict[str, list[fx.Node]], order: dict[str, int]
-          ) -> tuple[Unit | None, str | None]:
-    """The unit of conv `name`'s group `items`, or (unit or None, why it cannot be masked)."""
-    outs, consumers, points, reads = [], [], [], []
-    for dep, idxs in items:
-        mod = dep.target.module
-        mname = names.get(mod)
-        out = dg.is_out_channel_pruning_fn(dep.handler)
-        if isinstance(mod, (nn.Conv2d, nn.Linear)) and not out:
-            consumers.append(mname)
-            reads.append((mname, tuple(int(i) for i in idxs)))
-        elif isinstance(mod, nn.Conv2d) and out:
-            outs.append(mname)
-        elif isinstance(mod, nn.LocalResponseNorm) or (
-                isinstance(mod, nn.modules.batchnorm._NormBase)
-                and not isinstance(mod, _CHANNELWISE)):
-            return None, f"{type(mod).__name__} {mname} normalizes across its channels"
-        elif isinstance(mod, nn.Linear) and out:
-            outs.append(mname)
-    convs = tuple(dict.fromkeys(m for m in outs if isinstance(modules[m], nn.Conv2d)))
-    if not consumers:
+@dataclass(frozen=True)
+class _Sites:
+    """Where a group's modules run in the fx graph: `modules` by name, the `calls` of each
+    (call_module nodes) and every node's position (`order`)."""
+
+    modules: dict[str, nn.Module]
+    calls: dict[str, list[fx.Node]]
+    order: dict[str, int]
+
+
+def _across(m: Member) -> bool:
+    """Whether `m` is a norm whose statistics mix channels (masking cannot remove one)."""
+    return isinstance(m.module, nn.LocalResponseNorm) or (
+        isinstance(m.module, nn.modules.batchnorm._NormBase)
+        and not isinstance(m.module, MASK_AFTER))
+
+
+def _unit(group: Group, sites: _Sites) -> tuple[Unit | None, str | None]:
+    """The unit of conv `group.layer`'s group, or (unit or None, why it cannot be masked)."""
+    name = group.layer
+    n = sites.modules[name].out_channels
+    across = next((m for m in group.members if _across(m)), None)
+    if across is not None:
+        return None, f"{type(across.module).__name__} {across.name} normalizes across its channels"
+    convs = group.convs()
+    readers = group.readers()
+    if not readers:
         return Unit(name, n, "", convs=convs), "its channels reach no conv or linear layer"
-    for dep, idxs in items:
-        mod, mname = dep.target.module, names.get(dep.target.module)
-        if mname is None or not dg.is_out_channel_pruning_fn(dep.handler):
-            continue
-        norm = isinstance(mod, (nn.LayerNorm, nn.GroupNorm))
-        if not isinstance(mod, (nn.Conv2d, nn.Linear, *_CHANNELWISE)) and not norm:
-            continue
-        nodes = calls.get(mname, [])
-        if len(nodes) != 1:
-            return Unit(name, n, "", convs=convs), f"{mname} runs {len(nodes)} times"
-        node = nodes[0]
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            users = list(node.users)
-            if (len(users) == 1 and users[0].op == "call_module"
-                    and isinstance(modules[users[0].target], (*_CHANNELWISE, nn.GroupNorm))
-                    and any(names.get(d.target.module) == users[0].target for d, _ in items)):
-                continue  # its norm is a mask point
-        channels = (mod.out_channels if isinstance(mod, nn.Conv2d)
-                    else mod.out_features if isinstance(mod, nn.Linear)
-                    else mod.num_features if isinstance(mod, _CHANNELWISE)
-                    else mod.num_channels if isinstance(mod, nn.GroupNorm)
-                    else mod.normalized_shape[-1])
-        if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) != 1:
-            return Unit(name, n, "", convs=convs), f"LayerNorm {mname} normalizes several dims"
-        idx = tuple(int(i) for i in idxs)
-        if len(idx) != n:
-            return Unit(name, n, "", convs=convs), f"{mname} maps {n} channels to {len(idx)}"
-        dim = (1 if isinstance(mod, (nn.Conv2d, *_CHANNELWISE, nn.GroupNorm))
-               or _is_layernorm2d(mod) else -1)
-        points.append(MaskPoint(node.name, mname, channels, dim,
-                                None if idx == tuple(range(channels)) else idx, norm))
-    if not points:
-        return Unit(name, n, "", convs=convs), "no BatchNorm, conv or LayerNorm output to mask"
-    tags = _tags(items, dg)
+    points, why = _points(group, n, sites)
+    if why is None and not points:
+        why = "no BatchNorm, conv or LayerNorm output to mask"
+    if why is not None:
+        return Unit(name, n, "", convs=convs), why
+    tags = _tags(group)
     kind = "+".join(k for k in KINDS if k in tags) or "conv"
-    points.sort(key=lambda p: order[p.node])
-    return Unit(name, n, points[0].node, sorted(set(consumers)), kind, convs, tuple(points),
-                tuple(reads)), None
+    points.sort(key=lambda p: sites.order[p.node])
+    return Unit(name, n, points[0].node, sorted({m.name for m in readers}), kind, convs,
+                tuple(points), tuple((m.name, m.idxs) for m in readers)), None
+
+
+def _points(group: Group, n: int, sites: _Sites) -> tuple[list[MaskPoint], str | None]:
+    """The mask points of a group of `n` channels, or (those so far, why it cannot be masked):
+    every output of a member BatchNorm, LayerNorm, GroupNorm, or conv/linear not followed by
+    one of the group's norms."""
+    points = []
+    for m in group.members:
+        norm = isinstance(m.module, (nn.LayerNorm, nn.GroupNorm))
+        if m.name is None or not m.out or not (
+                norm or isinstance(m.module, (nn.Conv2d, nn.Linear, *MASK_AFTER))):
+            continue
+        nodes = sites.calls.get(m.name, [])
+        if len(nodes) != 1:
+            return points, f"{m.name} runs {len(nodes)} times"
+        if isinstance(m.module, (nn.Conv2d, nn.Linear)) and _norm_follows(nodes[0], group,
+                                                                          sites):
+            continue  # its norm is a mask point
+        point, why = _point(m, nodes[0], n, norm)
+        if why is not None:
+            return points, why
+        points.append(point)
+    return points, None
+
+
+def _norm_follows(node: fx.Node, group: Group, sites: _Sites) -> bool:
+    """Whether a conv/linear output `node` is read only by a channel-wise norm of `group`."""
+    users = list(node.users)
+    return (len(users) == 1 and users[0].op == "call_module"
+            and isinstance(sites.modules[users[0].target], (*MASK_AFTER, nn.GroupNorm))
+            and any(m.name == users[0].target for m in group.members))
+
+
+def _point(m: Member, node: fx.Node, n: int, norm: bool) -> tuple[MaskPoint | None, str | None]:
+    """The mask point at member `m`'s output `node`, or (None, why it cannot be one)."""
+    mod = m.module
+    channels = (mod.out_channels if isinstance(mod, nn.Conv2d)
+                else mod.out_features if isinstance(mod, nn.Linear)
+                else mod.num_features if isinstance(mod, MASK_AFTER)
+                else mod.num_channels if isinstance(mod, nn.GroupNorm)
+                else mod.normalized_shape[-1])
+    if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) != 1:
+        return None, f"LayerNorm {m.name} normalizes several dims"
+    if len(m.idxs) != n:
+        return None, f"{m.name} maps {n} channels to {len(m.idxs)}"
+    dim = (1 if isinstance(mod, (nn.Conv2d, *MASK_AFTER, nn.GroupNorm))
+           or _is_layernorm2d(mod) else -1)
+    index = None if m.idxs == tuple(range(channels)) else m.idxs
+    return MaskPoint(node.name, m.name, channels, dim, index, norm), None
 
 
 class UnitMask(nn.Module):

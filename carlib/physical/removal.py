@@ -26,12 +26,12 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch_pruning as tp
 from torch import nn
 
-from carlib.core.errors import CarlibError, writing
+from carlib.core.errors import CarlibError
+from carlib.core.io import atomic_write
 from carlib.models import build_model
-from carlib.scoring.evaluate import eval_mode
+from carlib.network.deps import Deps
 
 FORMAT = "carlib.pruned/1"
 
@@ -41,7 +41,8 @@ class RemovalUnit:
     """What removing output channels of conv `layer` removes (its torch-pruning group).
 
     `convs`: the convs that lose the same output channels (`layer` among them), in model order;
-    `consumers`: the conv/linear layers that lose the matching input channels.
+    `consumers`: the conv/linear layers that lose the matching input channels. A view of the
+    group walk the masking units are read from (`carlib.network.deps`).
     """
 
     layer: str
@@ -53,30 +54,12 @@ class RemovalUnit:
         """Whether other convs' channels go with this layer's (residual-coupled)."""
         return len(self.convs) > 1
 
-
-def _graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph of `model`, traced in eval mode (BN stats untouched)."""
-    with eval_mode(model), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
-                                                     verbose=False)
-
-
-def _group(dg: tp.DependencyGraph, model: nn.Module, layer: str, idxs: list[int]) -> tp.Group:
-    return dg.get_pruning_group(model.get_submodule(layer), tp.prune_conv_out_channels, idxs=idxs)
-
-
-def _unit(dg: tp.DependencyGraph, model: nn.Module, layer: str) -> RemovalUnit:
-    names = {m: n for n, m in model.named_modules()}
-    order = list(names.values())
-    convs, consumers = {layer}, set()
-    for dep, _ in _group(dg, model, layer, [0]).items:
-        m = dep.target.module
-        if isinstance(m, nn.Conv2d) and dg.is_out_channel_pruning_fn(dep.handler):
-            convs.add(names[m])
-        elif isinstance(m, (nn.Conv2d, nn.Linear)) and dg.is_in_channel_pruning_fn(dep.handler):
-            consumers.add(names[m])
-    return RemovalUnit(layer, tuple(sorted(convs, key=order.index)),
-                       tuple(sorted(consumers, key=order.index)))
+    @classmethod
+    def of(cls, deps: Deps, layer: str) -> RemovalUnit:
+        """The removal unit of conv `layer`, from its group in `deps`."""
+        group = deps.walk(layer)
+        return cls(layer, deps.in_order({layer, *group.convs()}),
+                   deps.in_order({m.name for m in group.readers()}))
 
 
 def ungroup(model: nn.Module) -> nn.Module:
@@ -125,8 +108,8 @@ def removal_units(model: nn.Module, example_input: torch.Tensor,
     (`carlib.network.groups`).
     """
     _check_convs(model, layers or [])
-    dg = _graph(model, example_input)
-    return {name: _unit(dg, model, name) for name in (layers or _convs(model))}
+    deps = Deps.build(model, example_input)
+    return {name: RemovalUnit.of(deps, name) for name in (layers or _convs(model))}
 
 
 def _indices(layer: str, idxs: Sequence[int], n: int) -> list[int]:
@@ -143,14 +126,14 @@ def _prune_inplace(model: nn.Module, removed: Mapping[str, Sequence[int]],
                    example_input: torch.Tensor, coupled: bool) -> nn.Module:
     """Remove the filters from `model` itself; validates everything before changing anything."""
     _check_convs(model, list(removed))
-    dg = _graph(model, example_input)
+    deps = Deps.build(model, example_input)
     owner: dict[str, str] = {}  # conv -> the given layer whose unit removes its channels
     plan = []
     for layer, idxs in removed.items():
         idx = _indices(layer, idxs, model.get_submodule(layer).out_channels)
         if not idx:
             continue
-        unit = _unit(dg, model, layer)
+        unit = RemovalUnit.of(deps, layer)
         if unit.coupled and not coupled:
             others = ", ".join(c for c in unit.convs if c != layer)
             raise CarlibError(f"'{layer}' is residual-coupled: its channels are removed together "
@@ -163,7 +146,7 @@ def _prune_inplace(model: nn.Module, removed: Mapping[str, Sequence[int]],
             owner[c] = layer
         plan.append((layer, idx))
     for layer, idx in plan:
-        _group(dg, model, layer, idx).prune()
+        deps.group(layer, idx).prune()
     return model
 
 
@@ -212,15 +195,11 @@ def save_pruned(path: str | Path, model_cfg: Mapping[str, Any],
         n = full.get_submodule(layer).out_channels
         gone = set(_indices(layer, idxs, n))
         kept[layer] = [i for i in range(n) if i not in gone]
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with writing(path, tmp, hint="choose a writable hydra.run.dir"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format": FORMAT, "model_cfg": dict(model_cfg), "kept": kept,
-                    "input_shape": [int(s) for s in input_shape],
-                    "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}, tmp)
-        os.replace(tmp, path)
-    return path
+    payload = {"format": FORMAT, "model_cfg": dict(model_cfg), "kept": kept,
+               "input_shape": [int(s) for s in input_shape],
+               "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp),
+                        hint="choose a writable hydra.run.dir")
 
 
 def load_pruned(path: str | Path) -> nn.Module:

@@ -45,6 +45,7 @@ from torch import nn
 
 from carlib.core.errors import CarlibError
 from carlib.dist import shards
+from carlib.network import ops
 from carlib.network.graph import MaskedNet
 from carlib.scoring.engine import LayerData, Tally, tally
 from carlib.scoring.evaluate import hits, losses, topk_of
@@ -53,9 +54,6 @@ Scores = tuple[torch.Tensor, Tally | None]
 ScoreFn = Callable[[MaskedNet, str, LayerData, list[int], str], Scores]
 TIE_BREAKS = ("loss", "random")
 DEPENDS = ("weights", "prefix", "network")
-
-_RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu, F.relu_)
-_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
 
 
 @dataclass(frozen=True)
@@ -70,6 +68,9 @@ class Criterion:
     "weights" (the layer's own weights: l1, l2, random), "prefix" (also the scoring data
     through the layer's prefix, i.e. the masks of the layers upstream: mean_activation,
     apoz) or "network" (every mask: car, loss, taylor; the default, always re-scored).
+    `counts_flips`: the scores are counts of the scoring engine (`make_car`: car,
+    car_random_tie, loss), whose runs cost candidate evaluations and whose paired held-out
+    differences the scripts report against every other criterion.
     """
 
     name: str
@@ -77,6 +78,7 @@ class Criterion:
     tie_break: str = "loss"
     metric: str | None = None
     depends: str = "network"
+    counts_flips: bool = False
 
     def __post_init__(self) -> None:
         if self.tie_break not in TIE_BREAKS:
@@ -140,18 +142,14 @@ def relu_follows(net: MaskedNet, layer: str) -> bool:
     point = next(n for n in net.gm.graph.nodes if n.name == net.unit(layer).mask_node)
     (mul,) = point.users  # the mask multiplication MaskedNet inserted
     modules = dict(net.gm.named_modules())
+    return bool(mul.users) and all(_is_relu(u, modules) for u in mul.users)
 
-    def module(n: torch.fx.Node) -> nn.Module | None:
-        return modules.get(n.target) if n.op == "call_module" else None
 
-    def is_relu(n: torch.fx.Node) -> bool:
-        if isinstance(module(n), _IDENTITY_MODULES):
-            return bool(n.users) and all(is_relu(u) for u in n.users)
-        return (isinstance(module(n), nn.ReLU)
-                or n.op == "call_function" and n.target in _RELU_FUNCTIONS
-                or n.op == "call_method" and n.target in ("relu", "relu_"))
-
-    return bool(mul.users) and all(is_relu(u) for u in mul.users)
+def _is_relu(n: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether `n` is a ReLU (in place or not), or an identity module read only by ReLUs."""
+    if ops.IDENTITY.matches(n, modules):
+        return bool(n.users) and all(_is_relu(u, modules) for u in n.users)
+    return (ops.RELU | ops.RELU_INPLACE).matches(n, modules)
 
 
 def _channel_mean(net: MaskedNet, layer: str, cut: LayerData, kept: list[int],
@@ -241,10 +239,12 @@ def make_random(seed: int, layers: Sequence[str] | None = None) -> ScoreFn:
 
 # name -> factory(seed, layers, mode) -> Criterion; see register_criterion
 _REGISTRY: dict[str, Callable[[int, Sequence[str] | None, str], Criterion]] = {
-    "car": lambda seed, layers, mode: Criterion("car", make_car(mode)),
+    "car": lambda seed, layers, mode: Criterion("car", make_car(mode), counts_flips=True),
     "car_random_tie": lambda seed, layers, mode: Criterion("car_random_tie", make_car(mode),
-                                                           tie_break="random"),
-    "loss": lambda seed, layers, mode: Criterion("loss", make_car(mode), metric="loss"),
+                                                           tie_break="random",
+                                                           counts_flips=True),
+    "loss": lambda seed, layers, mode: Criterion("loss", make_car(mode), metric="loss",
+                                                 counts_flips=True),
     "random": lambda seed, layers, mode: Criterion("random", make_random(seed, layers),
                                                    depends="weights"),
     "l1": lambda seed, layers, mode: Criterion("l1", l1, depends="weights"),
@@ -254,28 +254,47 @@ _REGISTRY: dict[str, Callable[[int, Sequence[str] | None, str], Criterion]] = {
     "apoz": lambda seed, layers, mode: Criterion("apoz", apoz, depends="prefix"),
     "taylor": lambda seed, layers, mode: Criterion("taylor", taylor),
 }
-CRITERIA: tuple[str, ...] = tuple(_REGISTRY)  # the built-in ones
-CAR_FAMILY = ("car", "car_random_tie", "loss")  # criteria that count flips with the engine
+CRITERIA: tuple[str, ...] = tuple(_REGISTRY)  # the built-in ones (`registered`: all)
 
 
 def register_criterion(name: str, fn: ScoreFn | None = None, *, tie_break: str = "loss",
                        factory: Callable[[int, Sequence[str] | None, str], Criterion] | None
-                       = None, depends: str = "network") -> None:
+                       = None, depends: str = "network", counts_flips: bool = False,
+                       replace: bool = False) -> None:
     """Make criterion `name` available to `get_criterion`, `greedy_prune` and the configs
-    (`method.criteria`): a scoring function `fn` (see the module docstring) with its tie rule
-    and `depends` (see `Criterion`), or a `factory(seed, layers, mode) -> Criterion` for
-    criteria that depend on those."""
+    (`method.criteria`): a scoring function `fn` (see the module docstring) with its tie rule,
+    `depends` and `counts_flips` (see `Criterion`), or a `factory(seed, layers, mode) ->
+    Criterion` for criteria that depend on those. A name already registered is an error,
+    unless `replace`."""
     if (fn is None) == (factory is None):
         raise CarlibError(f"register_criterion('{name}'): give fn or factory, not both")
+    if name in _REGISTRY and not replace:
+        raise CarlibError(f"criterion '{name}' is already registered; choose another name, or "
+                          "pass replace=True to replace it")
     if factory is None:
-        spec = Criterion(name, fn, tie_break, depends=depends)  # type: ignore[arg-type]
+        spec = Criterion(name, fn, tie_break, depends=depends,  # type: ignore[arg-type]
+                         counts_flips=counts_flips)
         factory = lambda seed, layers, mode: spec  # noqa: E731
     _REGISTRY[name] = factory
 
 
+def registered() -> tuple[str, ...]:
+    """The names of every criterion registered now: the built-in ones, then the user's."""
+    return tuple(_REGISTRY)
+
+
+def counts_flips(name: str | Criterion) -> bool:
+    """Whether the criterion (a name in the registry now, or a `Criterion`) counts flips with
+    the scoring engine (`Criterion.counts_flips`: the CAR family); False for a name not
+    registered (e.g. read from the results of a run that registered it)."""
+    if not isinstance(name, Criterion) and name not in _REGISTRY:
+        return False
+    return get_criterion(name).counts_flips
+
+
 def get_criterion(name: str | Criterion, seed: int = 0, layers: Sequence[str] | None = None,
                   mode: str = "fast") -> Criterion:
-    """The criterion called `name` (see CRITERIA), or `name` itself if a Criterion; `layers`:
+    """The criterion called `name` (see `registered`), or `name` itself if a Criterion; `layers`:
     see `make_random`; `mode`: the scoring engine's mode for the CAR family (`make_car`)."""
     if isinstance(name, Criterion):
         return name

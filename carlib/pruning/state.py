@@ -13,48 +13,29 @@ starts over (`RunState.load`); a folder that cannot be written is a CarlibError.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from carlib.core.errors import WRITE_HINT, writing
+from carlib.core.io import atomic_write_text, digest
 
 VERSION = 1
 
 
 def fingerprint(model: nn.Module) -> str:
     """SHA-256 of the model's state dict (names, dtypes, shapes and values)."""
-    h = hashlib.sha256()
+    return digest(_tensor_bytes(model))
+
+
+def _tensor_bytes(model: nn.Module) -> Iterator[bytes]:
     for name, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def digest(obj: object) -> str:
-    """SHA-256 of `obj` as canonical JSON (sorted keys; non-JSON values by str)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def atomic_write_text(path: str | Path, text: str, hint: str = WRITE_HINT) -> Path:
-    """Write `text` to `path` via a temporary file, fsync and rename (atomic on POSIX); an
-    OSError becomes a CarlibError naming the path and `hint`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with writing(path, tmp, hint=hint):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return path
+        yield f"{name}|{t.dtype}|{tuple(t.shape)}|".encode()
+        yield t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 class RunState:

@@ -94,11 +94,6 @@ class CachePlan:
     device_budget: int | None = None
     host_budget: int | None = None
 
-    def describe(self) -> str:
-        size = "size unknown" if self.bytes is None else gib(self.bytes)
-        n = "?" if self.images is None else self.images
-        return f"{self.placement} ({size} for {n} images, {gib(self.per_image)} per image)"
-
 
 def plan(per_image: int, images: int | None, batch: int, max_bytes: int, placement: str,
          device: torch.device, device_budget: int | None, host_budget: int | None,
