@@ -47,7 +47,7 @@ from carlib.analysis.color import pooled_color_count
 from carlib.analysis.stats import mean_interval
 from carlib.core.errors import CarlibError
 from carlib.core.io import write_csv
-from carlib.pruning.criteria import CAR_FAMILY
+from carlib.pruning.criteria import counts_flips
 
 RUNS, SUMMARY, DIFFERENCES = "runs.csv", "summary.csv", "differences.csv"
 COLOR_SUMMARY = "color_summary.csv"
@@ -197,7 +197,7 @@ def differences(paired: pd.DataFrame, summary: pd.DataFrame,
         if "car" not in mean:
             continue
         others = mean.drop([c for c in ("car", "car_random_tie") if c in mean])
-        baselines = mean.drop([c for c in CAR_FAMILY if c in mean])
+        baselines = mean.drop([c for c in dict.fromkeys(mean.index) if counts_flips(c)])
         versus = {"next best": others.idxmax() if len(others) else None,
                   "loss": "loss" if "loss" in mean else None,
                   "random tie": "car_random_tie" if "car_random_tie" in mean else None,

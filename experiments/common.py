@@ -1,17 +1,20 @@
-"""Shared set-up of the experiment scripts: config -> data, model, loaders, W&B; error guard."""
+"""Shared set-up of the experiment scripts: config -> settings decided once (device, ranks,
+scoring options), data, model, loaders; rank 0's outputs (files, W&B); plugins; error guard."""
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
+import importlib
+import importlib.util
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -23,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from carlib import MaskedNet
 from carlib.analysis.stats import METHODS
 from carlib.core.errors import CarlibError
+from carlib.core.io import digest, save_figure, write_csv
 from carlib.core.precision import float32_exact
 from carlib.data.datasets import (
     DataBundle,
@@ -35,6 +39,7 @@ from carlib.data.datasets import (
     targets,
 )
 from carlib.data.decoded import Images, decode
+from carlib.dist.collectives import rank_world
 from carlib.dist.shards import split
 from carlib.models import build_model, load_checkpoint, save_checkpoint
 from carlib.pruning.criteria import get_criterion
@@ -75,38 +80,89 @@ def output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def device(cfg: DictConfig) -> torch.device:
-    """The run's torch device, from the top-level `device` key (absent or null: cpu): cpu,
-    cuda, cuda:N, or auto (cuda when torch sees a GPU, else cpu)."""
-    name = str(cfg.get("device") or "cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise CarlibError(f"device='{name}' is not one of auto, cpu, cuda, cuda:N")
-    if name != "cpu" and not torch.cuda.is_available():
-        raise CarlibError(f"device={name} but torch sees no CUDA GPU; use device=auto or cpu")
-    return torch.device(name)
+@dataclass(frozen=True)
+class Settings:
+    """What a run decides once, before any work, and passes down (nanoGPT's top-of-script
+    set-up): this process's device (`ranks.place`: one GPU per process), its rank and the
+    world size (`ranks.ranked`), and for the scripts that score (`scores`) the scoring
+    engine's options and mode from `method.scoring` (`scoring_options`)."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    options: ScoringOptions | None = None
+    mode: str = "fast"
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: the process that writes the run's outputs (`Outputs`)."""
+        return self.rank == 0
 
 
-def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
-    """Entry wrapper of every script: check the config's numbers and choices (`check_config`);
-    set torch's thread count (`threads`, null: torch's default); give each process (torchrun,
-    SLURM tasks) or sweep job its own GPU (`place`); check `device` and on CUDA
-    switch TF32 off (float32 as on the CPU: CAR counts and the scoring engine's guard assume
-    float32 precision); turn bad input into one line on stderr and exit code 2; drop a run
-    folder left empty (one process only: under several, others' saved states may be there)."""
+def decide(cfg: DictConfig) -> Settings:
+    """The run's `Settings`, from the config: the one place `device` and `method.scoring`
+    are read (a one-line error for a device torch does not see or options it cannot run)."""
+    dev = place(cfg)  # one GPU per process or sweep job
+    rank, world = rank_world()
+    if not scores(cfg):
+        return Settings(dev, rank, world)
+    try:
+        options = scoring_options(cfg, dev)
+        options.check(dev, torch.float32)
+    except CarlibError as e:
+        raise CarlibError(f"method.scoring: {e}") from None
+    return Settings(dev, rank, world, options, cfg.method.scoring.mode)
+
+
+def load_plugins(names: Sequence[str]) -> None:
+    """Import the user's modules of the config's `plugins` (importable module names or .py
+    files), so the criteria they register (`carlib.pruning.criteria.register_criterion`) can
+    be named in `method.criteria`; each is imported once per process."""
+    for name in [names] if isinstance(names, str) else names:
+        try:
+            if not str(name).endswith(".py"):
+                importlib.import_module(name)
+                continue
+            path = Path(name).expanduser().resolve()
+            key = f"carlib_plugin_{path.stem}_{digest(str(path), n=8)}"
+            if key in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(key, path)
+            if spec is None or spec.loader is None or not path.is_file():
+                raise FileNotFoundError(f"no such file: {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[key] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[key]
+                raise
+        except Exception as e:  # noqa: BLE001  any failure: one line naming the plugin
+            why = (str(e).strip().splitlines() or [""])[0]
+            raise CarlibError(f"plugins: cannot import '{name}' ({type(e).__name__}: {why}); "
+                              "give an importable module name or a .py file") from None
+
+
+def guard(fn: Callable[[DictConfig, Settings], None]) -> Callable[[DictConfig], None]:
+    """Entry wrapper of every script: import the config's `plugins` (`load_plugins`); check
+    the config's numbers and choices (`check_config`); set torch's thread count (`threads`,
+    null: torch's default); decide the run's `Settings` once (`decide`: device, one GPU per
+    process, scoring options) and pass them to `fn`; on CUDA switch TF32 off (float32 as on
+    the CPU: CAR counts and the scoring engine's guard assume float32 precision); turn bad
+    input into one line on stderr and exit code 2; drop a run folder left empty (one process
+    only: under several, others' saved states may be there)."""
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig) -> None:
         try:
+            load_plugins(cfg.get("plugins") or [])
             check_config(cfg)
             if cfg.get("threads"):
                 torch.set_num_threads(int(cfg.threads))
             slurm_tasks()
-            place(cfg)  # one GPU per process or sweep job
-            device(cfg)  # a one-line error for a device torch does not see, before any work
+            settings = decide(cfg)
             with float32_exact():  # no TF32 on CUDA: counts as on the CPU
-                fn(cfg)
+                fn(cfg, settings)
         except (CarlibError, OmegaConfBaseException) as e:
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
             out = output_dir()
@@ -117,6 +173,80 @@ def guard(fn: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
             sys.exit(2)
 
     return wrapper
+
+
+class Outputs:
+    """A run's outputs, in one place: files in the run folder (CSV, PNG, ...), lines on
+    stdout and W&B logs (`logger.mode`; the W&B run starts at the first log), written by
+    rank 0 only (nanoGPT's master_process); on other ranks every method does nothing."""
+
+    def __init__(self, cfg: DictConfig, job_type: str, lead: bool = True) -> None:
+        mode = cfg.logger.mode
+        if mode not in ("disabled", "offline", "online"):
+            raise CarlibError(f"logger.mode='{mode}' is not one of disabled, offline, online")
+        self.cfg, self.job_type, self.lead = cfg, job_type, lead
+        self.folder = output_dir()
+        self._run = None
+
+    def save(self, name: str, write: Callable[[Path], object]) -> None:
+        """`write(path)` of the file `name` in the run folder."""
+        if self.lead:
+            write(self.folder / name)
+
+    def csv(self, df: pd.DataFrame, name: str) -> None:
+        self.save(name, functools.partial(write_csv, df))
+
+    def figure(self, name: str, draw: Callable[[], object]) -> object | None:
+        """`draw()` saved as `name` (drawn on rank 0 only); the figure, None elsewhere."""
+        if not self.lead:
+            return None
+        fig = draw()
+        save_figure(fig, self.folder / name)
+        return fig
+
+    def say(self, line: str) -> None:
+        if self.lead:
+            print(line, flush=True)
+
+    @property
+    def wandb(self):
+        """The W&B run (started at first use), or None: disabled, or not rank 0."""
+        if self._run is None and self.lead and self.cfg.logger.mode != "disabled":
+            self._run = start_wandb(self.cfg, self.folder, self.job_type)
+        return self._run
+
+    def log_series(self, key: str, df: pd.DataFrame, step: str, columns: Sequence[str]
+                   ) -> None:
+        """W&B: one point per row of `df`, `key`/column against `key`/`step`."""
+        if self.wandb is None:
+            return
+        self.wandb.define_metric(f"{key}/*", step_metric=f"{key}/{step}")
+        for r in df.itertuples():
+            self.wandb.log({f"{key}/{c}": getattr(r, c) for c in (step, *columns)})
+
+    def log(self, values: dict[str, object]) -> None:
+        """W&B: `values`, with frames as tables (NA cells as None: W&B types cells by value),
+        matplotlib figures and image files (paths) as images."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        def of(v: object) -> object:
+            if isinstance(v, pd.DataFrame):
+                return wandb.Table(dataframe=v.astype(object).where(v.notna(), None))
+            return wandb.Image(str(v) if isinstance(v, Path) else v)
+
+        self.wandb.log({k: of(v) for k, v in values.items()})
+
+    def summary(self, values: dict[str, float]) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update(values)
+
+    def close(self, done: str = "") -> None:
+        """Finish the W&B run; say where the results are (after `done`)."""
+        if self._run is not None:
+            self._run.finish()
+        self.say(f"{done}results in {self.folder}")
 
 
 def scores(cfg: DictConfig) -> bool:
@@ -177,7 +307,8 @@ def check_config(cfg: DictConfig) -> None:
     """Fail fast, before loading or training anything, on config values out of range
     (threads, batch sizes, epochs, the `method` group's counts, fractions and choices).
     Values that depend on the data or the model (scoring size, layer names, n_keep range) are
-    checked where those are known (`load_data`, `get_model`'s check)."""
+    checked where those are known (`load_data`, `get_model`'s check); the device and the
+    scoring engine's options where the run's settings are decided (`decide`)."""
     _whole(cfg, "threads", 1, "threads=N (CPU threads) or threads=null (torch's default)",
            required=False)
     if "data" in cfg:
@@ -213,11 +344,6 @@ def check_config(cfg: DictConfig) -> None:
     if isinstance(every, bool) or not isinstance(every, (int, float)) or every < 0:
         raise CarlibError(f"method.log_every={every} is not a number of seconds >= 0; e.g. "
                           "method.log_every=60 (0: a progress line every step)")
-    dev = device(cfg)
-    try:
-        scoring_options(cfg).check(dev, torch.float32)
-    except CarlibError as e:
-        raise CarlibError(f"method.scoring: {e}") from None
     kf = m.get("keep_fraction")
     if kf is not None and (isinstance(kf, bool) or not isinstance(kf, (int, float))
                            or not 0 < kf <= 1):
@@ -262,38 +388,39 @@ def model_config(cfg: DictConfig, bundle: DataBundle) -> dict:
     return {**m, "num_classes": bundle.num_classes, "in_channels": bundle.in_channels}
 
 
-def checkpoint_path(cfg: DictConfig, bundle: DataBundle) -> Path:
-    """`model.checkpoint` if set, else a cache path keyed by everything that shapes the weights."""
+def checkpoint_path(cfg: DictConfig, bundle: DataBundle, device: torch.device) -> Path:
+    """`model.checkpoint` if set, else a cache path keyed by everything that shapes the weights
+    (the run's `device` too, where not the CPU)."""
     if cfg.model.checkpoint:
         return Path(cfg.model.checkpoint)
     key = {"model": model_config(cfg, bundle), "train": OmegaConf.to_container(cfg.train),
            "data": data_key(cfg, resolve=False), "seed": cfg.seed}
-    if device(cfg).type != "cpu":  # trained there: other float order, another checkpoint
-        key["device"] = device(cfg).type
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    name = f"{cfg.model.name}-{cfg.data.name}-{digest}.pt"
+    if device.type != "cpu":  # trained there: other float order, another checkpoint
+        key["device"] = device.type
+    name = f"{cfg.model.name}-{cfg.data.name}-{digest(key, algo='sha1', n=8)}.pt"
     return Path(cfg.paths.cache_dir) / "checkpoints" / name
 
 
-def must_train(cfg: DictConfig, bundle: object) -> bool:
+def must_train(cfg: DictConfig, bundle: object, device: torch.device) -> bool:
     """Whether `get_model` would train (no weights, checkpoint or cached model)."""
     m = cfg.model
     if m.get("weights") or m.get("weights_path") or m.get("checkpoint"):
         return False
-    return not checkpoint_path(cfg, bundle).is_file()
+    return not checkpoint_path(cfg, bundle, device).is_file()
 
 
-def train_model(cfg: DictConfig, bundle: DataBundle, path: Path) -> torch.nn.Module:
-    """Train from scratch with `cfg.train` on the run's device and save the checkpoint with its
+def train_model(cfg: DictConfig, bundle: DataBundle, path: Path, device: torch.device
+                ) -> torch.nn.Module:
+    """Train from scratch with `cfg.train` on `device` and save the checkpoint with its
     config (the seeded initialization is drawn on the CPU, the same on every device)."""
     torch.manual_seed(cfg.seed)
-    model = build_model(**model_config(cfg, bundle)).to(device(cfg))
+    model = build_model(**model_config(cfg, bundle)).to(device)
     t = cfg.train
     start = time.perf_counter()
-    fit(model, loader(cfg, bundle.train, t.batch_size, shuffle=True), t.epochs,
+    fit(model, loader(cfg, bundle.train, t.batch_size, device, shuffle=True), t.epochs,
         lr=t.lr, weight_decay=t.weight_decay, optimizer=t.optimizer, progress=cfg.progress)
     seconds = time.perf_counter() - start
-    acc = evaluate(model, images(cfg, bundle.test, "held-out"))  # decoded once, for all runs
+    acc = evaluate(model, images(cfg, bundle.test, "held-out", device))  # decoded once
     print(f"trained {cfg.model.name} on {cfg.data.name} in {seconds:.0f} s: held-out top-1 "
           f"{acc['top1']:.4f}; saved {path}")
     save_checkpoint(path, model, model_config(cfg, bundle),
@@ -302,29 +429,29 @@ def train_model(cfg: DictConfig, bundle: DataBundle, path: Path) -> torch.nn.Mod
     return model
 
 
-def get_model(cfg: DictConfig, bundle: DataBundle,
+def get_model(cfg: DictConfig, bundle: DataBundle, device: torch.device,
               check: Callable[[torch.nn.Module], object] = lambda m: None) -> torch.nn.Module:
     """Pretrained weights, an explicit checkpoint, or the cached/trained model of this config,
     on the run's `device` (trained there, if it has to be).
 
     `check` runs on the (untrained) model before any training, to fail fast on bad input.
     """
-    return _model(cfg, bundle, check).to(device(cfg))
+    return _model(cfg, bundle, device, check).to(device)
 
 
-def _model(cfg: DictConfig, bundle: DataBundle,
+def _model(cfg: DictConfig, bundle: DataBundle, device: torch.device,
            check: Callable[[torch.nn.Module], object]) -> torch.nn.Module:
     if cfg.model.get("weights") or cfg.model.get("weights_path"):
         model = build_model(**model_config(cfg, bundle))
         check(model)
         return model.eval()
-    path = checkpoint_path(cfg, bundle)
+    path = checkpoint_path(cfg, bundle, device)
     if cfg.model.checkpoint or path.is_file():
         model, _ = load_checkpoint(path)
         check(model)
         return model
     check(build_model(**model_config(cfg, bundle)))
-    return train_model(cfg, bundle, path)
+    return train_model(cfg, bundle, path, device)
 
 
 def scoring_split(cfg: DictConfig) -> str:
@@ -339,25 +466,25 @@ def scoring_split(cfg: DictConfig) -> str:
     return split
 
 
-def scoring_and_heldout(cfg: DictConfig, bundle: DataBundle, out: Path, write: bool = True,
+def scoring_and_heldout(cfg: DictConfig, bundle: DataBundle, out: Outputs, device: torch.device,
                         spread: tuple[int, int] = (0, 1)) -> tuple[Images, Images]:
     """The fixed scoring subset (of the `method.scoring.split` part of the training data; its
-    indices into the loaded training data saved in `out` unless not `write`: ranks > 0) and
-    the held-out test split, each decoded once (`images`), their batches on the run's
-    `device`; with `spread` (rank, world), this process's batches of each (`images`)."""
+    indices into the loaded training data saved by `out` as scoring_indices.txt) and the
+    held-out test split, each decoded once (`images`), their batches on `device`; with
+    `spread` (rank, world), this process's batches of each (`images`)."""
     s = cfg.method.scoring
     part, positions = bundle.split(scoring_split(cfg))
     idx = scoring_subset(targets(part), s.size, s.seed)
-    if write:
-        save_indices(out / "scoring_indices.txt", idx if positions is None else positions[idx])
-    return (images(cfg, take(part, idx), "scoring", spread),
-            images(cfg, bundle.test, "held-out", spread))
+    out.save("scoring_indices.txt", functools.partial(
+        save_indices, indices=idx if positions is None else positions[idx]))
+    return (images(cfg, take(part, idx), "scoring", device, spread),
+            images(cfg, bundle.test, "held-out", device, spread))
 
 
-def images(cfg: DictConfig, dataset: Dataset, what: str, spread: tuple[int, int] = (0, 1)
-           ) -> Images:
-    """`dataset` decoded once (`carlib.data.decoded`), batches of `data.batch_size` on the run's
-    device. Images read from disk (ImageNet) are decoded by `data.num_workers` workers into a
+def images(cfg: DictConfig, dataset: Dataset, what: str, device: torch.device,
+           spread: tuple[int, int] = (0, 1)) -> Images:
+    """`dataset` decoded once (`carlib.data.decoded`), batches of `data.batch_size` on
+    `device`. Images read from disk (ImageNet) are decoded by `data.num_workers` workers into a
     uint8 memory map in <paths.cache_dir>/decoded/ (`data.decode_cache`; false: in memory),
     which later runs and scripts on the same images reuse. `spread` = (rank, world): only
     this process's batches (`carlib.dist.shards`), the only images it reads and decodes."""
@@ -370,11 +497,11 @@ def images(cfg: DictConfig, dataset: Dataset, what: str, spread: tuple[int, int]
     path = key = None
     if not in_memory(dataset) and cfg.data.get("decode_cache", True):
         key = {"data": data_key(cfg), "files": _files(dataset), "what": what}
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        path = Path(cfg.paths.cache_dir) / "decoded" / f"{cfg.data.name}-{digest}.npy"
+        name = f"{cfg.data.name}-{digest(key, algo='sha1', n=12)}.npy"
+        path = Path(cfg.paths.cache_dir) / "decoded" / name
     x, y, finish = decode(dataset, cfg.data.batch_size, workers(cfg), path=path, key=key,
                           progress=cfg.progress, desc=f"decoding the {what} images")
-    out = Images(x, y, cfg.data.batch_size, device(cfg), finish, shard)
+    out = Images(x, y, cfg.data.batch_size, device, finish, shard)
     return out if shard is not None else out.split(rank, world, f"{what} set")
 
 
@@ -389,12 +516,13 @@ def _files(dataset: Dataset) -> str:
     if samples is None:
         raise CarlibError(f"cannot name the files of a {type(dataset).__name__} to cache its "
                           "decoded images; set data.decode_cache=false")
-    h = hashlib.sha1()
-    for i in range(len(samples)) if idx is None else idx:
-        path = samples[i][0]
-        st = Path(path).stat()
-        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{samples[i][1]}\n".encode())
-    return h.hexdigest()
+    order = range(len(samples)) if idx is None else idx
+    return digest((_file_line(samples[i][0], samples[i][1]) for i in order), algo="sha1")
+
+
+def _file_line(path: str, target: int) -> bytes:
+    st = Path(path).stat()
+    return f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{target}\n".encode()
 
 
 def workers(cfg: DictConfig) -> int:
@@ -406,12 +534,13 @@ def workers(cfg: DictConfig) -> int:
     return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def loader(cfg: DictConfig, dataset: Dataset, batch_size: int, shuffle: bool = False
-           ) -> DataLoader:
-    """A loader of `dataset` with the run's workers, pinned batches on CUDA (training and
-    retraining read the whole training split, so it is not decoded into a cache)."""
+def loader(cfg: DictConfig, dataset: Dataset, batch_size: int, device: torch.device,
+           shuffle: bool = False) -> DataLoader:
+    """A loader of `dataset` with the run's workers, pinned batches for a CUDA `device`
+    (training and retraining read the whole training split, so it is not decoded into a
+    cache)."""
     return make_loader(dataset, batch_size, shuffle=shuffle, seed=cfg.seed,
-                       num_workers=workers(cfg), pin_memory=device(cfg).type == "cuda")
+                       num_workers=workers(cfg), pin_memory=device.type == "cuda")
 
 
 def data_key(cfg: DictConfig, resolve: bool = True) -> dict:
@@ -420,9 +549,9 @@ def data_key(cfg: DictConfig, resolve: bool = True) -> dict:
             if k not in ("batch_size", "num_workers", "decode_cache")}
 
 
-def scoring_options(cfg: DictConfig) -> ScoringOptions:
+def scoring_options(cfg: DictConfig, device: torch.device) -> ScoringOptions:
     """The engine's options (`carlib.scoring.engine.ScoringOptions`) from `method.scoring`: the
-    device's defaults where a key is null."""
+    `device`'s defaults where a key is null."""
     s = cfg.method.scoring
 
     def size(key: str, unit: int) -> int | None:
@@ -437,7 +566,7 @@ def scoring_options(cfg: DictConfig) -> ScoringOptions:
     changes = {"max_bytes": size("pass_mib", 2**20), "chunk": s.get("chunk"),
                "placement": s.get("placement"), "cache_budget_bytes": size("cache_gib", 2**30),
                "host_budget_bytes": size("host_gib", 2**30), "precision": s.get("precision")}
-    return ScoringOptions.for_device(device(cfg), **{k: v for k, v in changes.items()
+    return ScoringOptions.for_device(device, **{k: v for k, v in changes.items()
                                                      if v is not None})
 
 

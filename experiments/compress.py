@@ -22,29 +22,29 @@ compressed.pt (the network after the last stage; `load_pruned` reads it).
 from __future__ import annotations
 
 import copy
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import hydra
 import pandas as pd
 import torch
 from common import (
+    Outputs,
+    Settings,
     get_model,
     guard,
     images,
     load_data,
     loader,
     model_config,
-    output_dir,
-    start_wandb,
 )
 from omegaconf import DictConfig, OmegaConf
 from ranks import one_process
 from torch import nn
 
 from carlib.core.errors import CarlibError
-from carlib.core.io import save_figure, write_csv
 from carlib.data.datasets import DataBundle
 from carlib.physical.compression import (
     apply_mask,
@@ -139,7 +139,8 @@ def retrain(cfg: DictConfig, model: nn.Module, bundle: DataBundle, epochs: int,
     Returns the budget: retrain_epochs, retrain_steps, retrain_seconds.
     """
     rt = cfg.retrain
-    batches = loader(cfg, bundle.train, rt.batch_size, shuffle=True)  # fit moves them
+    batches = loader(cfg, bundle.train, rt.batch_size, model_device(model),
+                     shuffle=True)  # fit moves them
     start = time.perf_counter()
     if epochs > 0:
         torch.manual_seed(cfg.seed)
@@ -180,71 +181,77 @@ def compress_layer(cfg: DictConfig, net: nn.Module, layer: str, bundle: DataBund
     return mask, codes, rows
 
 
+def check_removal(cfg: DictConfig, prune: Callable[..., nn.Module],
+                  removed: dict[str, list[int]], shape: tuple[int, int, int],
+                  model: nn.Module) -> None:
+    """`get_model`'s check, on the untrained model (on the CPU): the removal and the
+    compression config are possible."""
+    prune(model, removed, torch.zeros(1, *shape, device=model_device(model)))
+    compressed_layer(cfg, model, removed)
+
+
+def stages(cfg: DictConfig, model: nn.Module, pruned: nn.Module, layer: str,
+           bundle: DataBundle, heldout, acc: dict[str, float]) -> tuple[nn.Module, pd.DataFrame]:
+    """Retrain a copy of `pruned` and compress its `layer` (each stage off-able); (the network
+    after the last stage, compression.csv's rows). `acc`: held-out top-1 of cost.csv."""
+    net = copy.deepcopy(pruned)
+    rows = [{"stage": "original", "heldout_top1_before_retrain": acc["original"],
+             "heldout_top1": acc["original"], **retrain(cfg, net, bundle, 0)}]
+    budget = retrain(cfg, net, bundle, cfg.retrain.epochs)
+    rows.append({"stage": "car_pruned", "heldout_top1_before_retrain": acc["pruned"],
+                 "heldout_top1": evaluate(net, heldout)["top1"], **budget})
+    dense = copy.deepcopy(net.get_submodule(layer))
+    lc = cfg.layer_compression
+    if lc.enabled:
+        mask, codes, more = compress_layer(cfg, net, layer, bundle, heldout)
+        rows += more
+        bits = bit_account(model.get_submodule(layer), dense, mask, codes, lc.bits, lc.index_bits)
+    else:
+        bits = bit_account(model.get_submodule(layer), dense)
+    comp = pd.DataFrame(rows).merge(bits, on="stage")
+    comp.insert(0, "model", cfg.model.name)
+    comp.insert(1, "dataset", cfg.data.name)
+    comp.insert(2, "layer", layer)
+    return net, comp[COLUMNS]
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="compress")
 @guard
-def main(cfg: DictConfig) -> None:
-    out = output_dir()
+def main(cfg: DictConfig, s: Settings) -> None:
+    """The job (see the module docstring), with the run's settings `s`."""
+    out = Outputs(cfg, "compress")
     removed, expected = removed_filters(cfg)
     bundle = load_data(cfg)
     shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
     prune = prune_coupled if cfg.source.coupled else prune_physically
-
-    def check(m: nn.Module) -> None:  # the untrained model, on the CPU
-        prune(m, removed, torch.zeros(1, *shape, device=model_device(m)))
-        compressed_layer(cfg, m, removed)
-
-    model = get_model(cfg, bundle, check=check)
-    dev = model_device(model)
+    model = get_model(cfg, bundle, s.device, check=functools.partial(
+        check_removal, cfg, prune, removed, shape))
     layer = compressed_layer(cfg, model, removed)
-    pruned = prune(model, removed, torch.zeros(1, *shape, device=dev))
-    save_pruned(out / "pruned.pt", model_config(cfg, bundle), removed, pruned.state_dict(), shape)
+    pruned = prune(model, removed, torch.zeros(1, *shape, device=model_device(model)))
+    config = model_config(cfg, bundle)
+    out.save("pruned.pt", lambda path: save_pruned(path, config, removed, pruned.state_dict(),
+                                                   shape))
     variants = {"original": model, "pruned": pruned}
     df = cost_report(variants, shape, cfg.model.name, **cfg.cost)
-    heldout = images(cfg, bundle.test, "held-out")  # decoded once, on the run's device
+    heldout = images(cfg, bundle.test, "held-out", s.device)  # decoded once, on the device
     df["heldout_top1"] = [evaluate(variants[v], heldout)["top1"] for v in df.variant]
-    write_csv(df, out / "cost.csv")
-
-    acc = dict(zip(df.variant, df.heldout_top1))
-    net = copy.deepcopy(pruned)
-    stages = [{"stage": "original", "heldout_top1_before_retrain": acc["original"],
-               "heldout_top1": acc["original"], **retrain(cfg, net, bundle, 0)}]
-    budget = retrain(cfg, net, bundle, cfg.retrain.epochs)
-    stages.append({"stage": "car_pruned", "heldout_top1_before_retrain": acc["pruned"],
-                   "heldout_top1": evaluate(net, heldout)["top1"], **budget})
-    dense = copy.deepcopy(net.get_submodule(layer))
-    lc = cfg.layer_compression
-    if lc.enabled:
-        mask, codes, rows = compress_layer(cfg, net, layer, bundle, heldout)
-        stages += rows
-        bits = bit_account(model.get_submodule(layer), dense, mask, codes, lc.bits, lc.index_bits)
-    else:
-        bits = bit_account(model.get_submodule(layer), dense)
-    comp = pd.DataFrame(stages).merge(bits, on="stage")
-    comp.insert(0, "model", cfg.model.name)
-    comp.insert(1, "dataset", cfg.data.name)
-    comp.insert(2, "layer", layer)
-    comp = comp[COLUMNS]
-    write_csv(comp, out / "compression.csv")
-    save_figure(plot_compression(comp), out / "compression.png")
-    if cfg.retrain.epochs > 0 or lc.enabled:
-        save_pruned(out / "compressed.pt", model_config(cfg, bundle), removed, net.state_dict(),
-                    shape)
-
-    run = start_wandb(cfg, out, "compress")
-    if run is not None:
-        import wandb
-
-        run.log({"cost": wandb.Table(dataframe=df),
-                 "compression": wandb.Table(dataframe=comp),
-                 "compression_plot": wandb.Image(str(out / "compression.png"))})
-        last = comp.iloc[-1]
-        run.summary.update({"ratio": float(last.ratio), "heldout_top1": float(last.heldout_top1)})
-        run.finish()
-    print(df.to_string(index=False))
+    out.csv(df, "cost.csv")
+    net, comp = stages(cfg, model, pruned, layer, bundle, heldout,
+                       dict(zip(df.variant, df.heldout_top1)))
+    out.csv(comp, "compression.csv")
+    out.figure("compression.png", lambda: plot_compression(comp))
+    if cfg.retrain.epochs > 0 or cfg.layer_compression.enabled:
+        out.save("compressed.pt", lambda path: save_pruned(path, config, removed,
+                                                           net.state_dict(), shape))
+    out.log({"cost": df, "compression": comp,
+             "compression_plot": out.folder / "compression.png"})
+    out.summary({"ratio": float(comp.ratio.iloc[-1]),
+                 "heldout_top1": float(comp.heldout_top1.iloc[-1])})
+    out.say(df.to_string(index=False))
     if expected is not None:
-        print(f"held-out top-1 in the curves after these removals (masked): {expected:.4f}")
-    print(comp[COLUMNS[3:12]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"removed {', '.join(f'{k}: {len(v)}' for k, v in removed.items())}; results in {out}")
+        out.say(f"held-out top-1 in the curves after these removals (masked): {expected:.4f}")
+    out.say(comp[COLUMNS[3:12]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    out.close(f"removed {', '.join(f'{k}: {len(v)}' for k, v in removed.items())}; ")
 
 
 if __name__ == "__main__":

@@ -46,17 +46,16 @@ import hydra
 import pandas as pd
 import torch
 from common import (
+    Outputs,
+    Settings,
     data_key,
     get_model,
     guard,
     load_data,
     masked,
     must_train,
-    output_dir,
     resolve_layers,
     scoring_and_heldout,
-    scoring_options,
-    start_wandb,
 )
 from omegaconf import DictConfig
 from ranks import (
@@ -73,13 +72,14 @@ from carlib.analysis.agreement import layer_scores, rank_agreement, scores_from_
 from carlib.analysis.classes import per_class_frame
 from carlib.analysis.stats import paired_difference
 from carlib.core.errors import CarlibError
-from carlib.core.io import save_figure, write_csv
-from carlib.data.datasets import in_memory, load_indices
-from carlib.dist.collectives import barrier, broadcast, gather, join, leave
-from carlib.pruning.criteria import CAR_FAMILY, CRITERIA
+from carlib.data.datasets import DataBundle, in_memory, load_indices
+from carlib.data.decoded import Images
+from carlib.dist.collectives import barrier, broadcast, gather, leave
+from carlib.pruning.budget import kept, removals
+from carlib.pruning.criteria import counts_flips, registered
 from carlib.pruning.greedy import Trace, global_prune, greedy_prune
 from carlib.pruning.state import RunState, fingerprint
-from carlib.scoring.engine import TallyMemo, example_of
+from carlib.scoring.engine import ScoringOptions, TallyMemo, example_of
 from carlib.scoring.evaluate import image_hits
 from carlib.viz.plotting import plot_curves, plot_rank_agreement, regime_notes
 
@@ -101,7 +101,7 @@ def plan(cfg: DictConfig, model: nn.Module, example: torch.Tensor | None = None
     out = []
     for layer in layers:
         n = net.unit(layer).num_filters
-        keep = m.n_keep if m.n_keep is not None else round(m.keep_fraction * n)
+        keep = kept(n, m.n_keep, m.keep_fraction)
         if m.schedule == "layerwise" and not 1 <= keep <= n:
             raise CarlibError(f"{layer} would keep {keep} of {n} filters; set method.n_keep in "
                               f"1..{n} or method.keep_fraction in (0, 1]")
@@ -130,8 +130,7 @@ def units(cfg: DictConfig, model: nn.Module, example: torch.Tensor | None = None
     if m.schedule == "global":
         layers = list(dict.fromkeys(m.layers))
         total = sum(net.unit(name).num_filters for name in layers)
-        n = m.n_remove if m.n_remove is not None else total - round(m.keep_fraction * total)
-        return [(layers, n, c) for c in m.criteria]
+        return [(layers, removals(total, m.n_remove, m.keep_fraction), c) for c in m.criteria]
     return [([layer], net.unit(layer).num_filters - keep, c)
             for layer, keep in plan(cfg, model, example) for c in m.criteria]
 
@@ -166,7 +165,7 @@ def paired_frame(cfg: DictConfig, model: nn.Module, heldout: object, traces: lis
     hits = {(t.layer, t.criterion): image_hits(t.pruned(model, x), heldout) for t in traces}
     rows = []
     for (layer, a), ha in hits.items():
-        if a not in CAR_FAMILY:
+        if not counts_flips(a):
             continue
         for (other, b), hb in hits.items():
             if other == layer and b != a:
@@ -177,58 +176,44 @@ def paired_frame(cfg: DictConfig, model: nn.Module, heldout: object, traces: lis
     return pd.DataFrame(rows)
 
 
-def log_run(run, df: pd.DataFrame, key: str) -> None:
-    if run is None:
-        return
-    run.define_metric(f"{key}/*", step_metric=f"{key}/filters_remaining")
-    for r in df.itertuples():
-        run.log({f"{key}/filters_remaining": r.filters_remaining,
-                 f"{key}/heldout_top1": r.heldout_top1, f"{key}/scoring_acc": r.scoring_acc})
-
-
-def agreement(cfg: DictConfig, model: nn.Module, scoring: object, traces: list[Trace],
-              out: Path, write: bool = True) -> pd.DataFrame:
-    """rank_agreement.csv/.png (unless not `write`): CAR vs every criterion on each full layer.
+def agreement(cfg: DictConfig, s: Settings, out: Outputs, model: nn.Module, scoring: object,
+              traces: list[Trace]) -> pd.DataFrame:
+    """rank_agreement.csv/.png: CAR vs every criterion on each full layer.
 
     Scores from the greedy traces' first scoring are reused; the rest cost one scoring round
-    per criterion and layer.
+    per criterion and layer (with the run's scoring options and mode).
     """
     known = scores_from_traces(traces)
-    names = [c for c in CRITERIA if c != "car_random_tie"]  # its scores are CAR's
+    names = [c for c in registered() if c != "car_random_tie"]  # its scores are CAR's
     scores = {layer: layer_scores(model, layer, scoring, names, metric=cfg.method.metric,
-                                  seed=cfg.seed, known=known.get(layer))
+                                  seed=cfg.seed, known=known.get(layer), options=s.options,
+                                  mode=s.mode)
               for layer in cfg.method.layers}
     df = rank_agreement(scores)
-    if not write:
-        return df
-    write_csv(df, out / "rank_agreement.csv")
-    fig = plot_rank_agreement(df, title=f"{cfg.model.name} on {cfg.data.name}: rank agreement "
-                                        "with CAR (full layers)")
-    save_figure(fig, out / "rank_agreement.png")
+    out.csv(df, "rank_agreement.csv")
+    out.figure("rank_agreement.png", lambda: plot_rank_agreement(
+        df, title=f"{cfg.model.name} on {cfg.data.name}: rank agreement with CAR (full layers)"))
     return df
 
 
-def per_class(cfg: DictConfig, model: nn.Module, scoring: object, classes: list[str],
-              out: Path, known: dict[str, pd.DataFrame] | None = None, write: bool = True
-              ) -> pd.DataFrame:
-    """per_class_car.csv (unless not `write`): per-class CAR of every filter of each listed
-    layer (full network); layers in `known` (computed by other ranks, `per_class_layer`) are
-    not scored again."""
-    known = known or {}
+def per_class(cfg: DictConfig, s: Settings, out: Outputs, model: nn.Module, scoring: object,
+              classes: list[str], known: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """per_class_car.csv: per-class CAR of every filter of each listed layer (full network);
+    layers in `known` (computed by other ranks, `per_class_layer`) are not scored again."""
     df = pd.concat([known[layer] if layer in known else
-                    per_class_layer(model, layer, scoring, classes)
+                    per_class_layer(model, layer, scoring, classes, s.options)
                     for layer in cfg.method.layers], ignore_index=True)
     df.insert(0, "model", cfg.model.name)
     df.insert(1, "dataset", cfg.data.name)
-    if write:
-        write_csv(df, out / "per_class_car.csv")
+    out.csv(df, "per_class_car.csv")
     return df
 
 
-def per_class_layer(model: nn.Module, layer: str, scoring: object, classes: list[str]
-                    ) -> pd.DataFrame:
+def per_class_layer(model: nn.Module, layer: str, scoring: object, classes: list[str],
+                    options: ScoringOptions | None) -> pd.DataFrame:
     """One layer's rows of per_class_car.csv (without the model and dataset columns)."""
-    return per_class_frame(car_scores(model, layer, scoring, per_class=True), classes, layer)
+    return per_class_frame(car_scores(model, layer, scoring, per_class=True, options=options),
+                           classes, layer)
 
 
 def curves_figure(cfg: DictConfig, curves: pd.DataFrame, traces: list[Trace],
@@ -236,22 +221,20 @@ def curves_figure(cfg: DictConfig, curves: pd.DataFrame, traces: list[Trace],
     """curves.png: held-out top-1 against filters remaining, one line per run."""
     what = ("network-wide greedy pruning" if cfg.method.schedule == "global"
             else "greedy pruning, each layer alone")
-    fig = plot_curves(curves.assign(layer=traces[0].layer) if cfg.method.schedule == "global"
-                      else curves, title=f"{cfg.model.name} on {cfg.data.name}: {what}",
-                      notes=regime_notes(regime))
-    save_figure(fig, output_dir() / "curves.png")
-    return fig
+    return plot_curves(curves.assign(layer=traces[0].layer) if cfg.method.schedule == "global"
+                       else curves, title=f"{cfg.model.name} on {cfg.data.name}: {what}",
+                       notes=regime_notes(regime))
 
 
-def report(label: str, df: pd.DataFrame, trace: Trace, seconds: float, who: str = "") -> None:
-    """One line per finished greedy run."""
+def report(label: str, df: pd.DataFrame, trace: Trace, seconds: float) -> str:
+    """The line of a finished greedy run."""
     last = df.iloc[-1]
     resumed = f", resumed at step {trace.resumed_at}" if trace.resumed_at else ""
     r = trace.regime()
-    print(f"{who}{label:>22}: {last.filters_remaining:>3} filters left, held-out top-1 "
-          f"{df.heldout_top1.iat[0]:.4f} -> {last.heldout_top1:.4f}; score decided "
-          f"{r['removals'] - r['tied']}/{r['removals']} removals "
-          f"({seconds:.1f} s{resumed})", flush=True)
+    return (f"{label:>22}: {last.filters_remaining:>3} filters left, held-out top-1 "
+            f"{df.heldout_top1.iat[0]:.4f} -> {last.heldout_top1:.4f}; score decided "
+            f"{r['removals'] - r['tied']}/{r['removals']} removals "
+            f"({seconds:.1f} s{resumed})")
 
 
 def frame(cfg: DictConfig, trace: Trace) -> pd.DataFrame:
@@ -262,105 +245,123 @@ def frame(cfg: DictConfig, trace: Trace) -> pd.DataFrame:
     return df
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="prune")
-@guard
-@ranked
-def main(cfg: DictConfig) -> None:
-    prune(cfg)
+def record(cfg: DictConfig, out: Outputs, frames: list[pd.DataFrame], label: str,
+           trace: Trace) -> pd.DataFrame:
+    """Add a finished run's rows to `frames` and curves.csv, and its curve to W&B."""
+    frames.append(frame(cfg, trace))
+    out.csv(pd.concat(frames, ignore_index=True), "curves.csv")
+    out.log_series(label.replace(" ", "/"), frames[-1], "filters_remaining",
+                   ["heldout_top1", "scoring_acc"])
+    return frames[-1]
 
 
-def prune(cfg: DictConfig) -> None:
-    """The job (see the module docstring)."""
-    rank, world = join()  # joined already (`ranked`): rank and world size
-    out = output_dir()
-    split = world > 1 and cfg.distribute == "images"  # else whole runs per rank
-    lead = rank == 0  # writes every shared output
-    if world > 1 and lead:
-        how = "scoring and held-out batches split" if split else "greedy runs divided"
-        print(f"{world} processes: {how} over them; results in {out}", flush=True)
+def set_up(cfg: DictConfig, s: Settings, out: Outputs, split: bool
+           ) -> tuple[DataBundle, Images, Images, nn.Module, torch.Tensor | None]:
+    """(data, scoring images, held-out images, model, one example input): `split`, this rank's
+    batches of the images; the model trained or loaded (rank 0 first where it trains);
+    `method.layers=[all]` made every unit of it."""
     bundle = rank0_first(bool(cfg.data.get("download")), lambda: load_data(cfg))
     scoring, heldout = rank0_first(  # split: each rank decodes its own batches, at once
         not in_memory(bundle.test) and not split, lambda: scoring_and_heldout(
-            cfg, bundle, out, write=lead, spread=(rank, world) if split else (0, 1)))
+            cfg, bundle, out, s.device, spread=(s.rank, s.world) if split else (0, 1)))
     example = example_of(heldout)  # one decoded image: traces the model's units
-    model = rank0_first(bool(broadcast(must_train(cfg, bundle))),
-                        lambda: get_model(cfg, bundle, check=lambda m: plan(cfg, m, example)))
+    model = rank0_first(bool(broadcast(must_train(cfg, bundle, s.device))), lambda: get_model(
+        cfg, bundle, s.device, check=lambda m: plan(cfg, m, example)))
     resolve_layers(cfg, model, example)  # method.layers=[all]: every unit
-    barrier()  # scoring_indices.txt is written: the runs' state key reads it
-    state = run_state(cfg, model, out, shared=split)
-    run = start_wandb(cfg, out, "prune") if lead else None
-    frames, traces = [], []
-    memo = TallyMemo()  # runs that reach the same pruned network count it once
-    options = scoring_options(cfg)
-    todo = jobs(cfg, model, scoring, example)
-    per_class_layers = list(cfg.method.layers) if cfg.method.per_class else []
-    owner, class_owner = (owners(units(cfg, model, example), per_class_layers, cfg.method.k, model,
-                                 scoring, heldout, world) if world > 1 and not split
-                          else ([rank] * len(todo), []))  # split: every run on every rank
-    mine: dict[int, Trace] = {}
+    return bundle, scoring, heldout, model, example
+
+
+def greedy(cfg: DictConfig, s: Settings, job: Callable[..., Trace], state: RunState | None,
+           memo: TallyMemo, heldout: Images) -> tuple[Trace, float]:
+    """One greedy run of `jobs` with the run's options; (its trace, seconds)."""
+    start = time.perf_counter()
+    m = cfg.method
+    trace = job(metric=m.metric, eval_data=heldout, seed=cfg.seed, k=m.k, interval=m.interval,
+                progress=cfg.progress, log_every=m.log_every, state=state, mode=s.mode,
+                memo=memo, options=s.options)
+    return trace, time.perf_counter() - start
+
+
+def divided(cfg: DictConfig, s: Settings, todo: list[tuple[str, Callable[..., Trace]]],
+            model: nn.Module, data: tuple[DataBundle, Images, Images, torch.Tensor | None],
+            state: RunState | None) -> tuple[list[Trace], dict[str, pd.DataFrame]]:
+    """`distribute=runs`: this rank's greedy runs and per-class CAR layers (`owners`), each as
+    in one process; (every rank's traces in the order of `todo`, per-class frames by layer) on
+    rank 0, nothing on the others."""
+    bundle, scoring, heldout, example = data
+    layers = list(cfg.method.layers) if cfg.method.per_class else []
+    owner, class_owner = owners(units(cfg, model, example), layers, cfg.method.k, model,
+                                scoring, heldout, s.world)
+    memo, mine = TallyMemo(), {}
     for i, (label, job) in enumerate(todo):
-        if owner[i] != rank:
-            continue
-        start = time.perf_counter()
-        trace = job(metric=cfg.method.metric, eval_data=heldout, seed=cfg.seed, k=cfg.method.k,
-                    interval=cfg.method.interval, progress=cfg.progress,
-                    log_every=cfg.method.log_every, state=state,
-                    mode=cfg.method.scoring.mode, memo=memo, options=options)
-        df = frame(cfg, trace)
-        if world == 1 or split:  # curves.csv grows run by run
-            traces.append(trace)
-            frames.append(df)
-            if lead:
-                write_csv(pd.concat(frames, ignore_index=True), out / "curves.csv")
-            log_run(run, df, label.replace(" ", "/"))
-        mine[i] = trace
-        if lead or not split:
-            report(label, df, trace, time.perf_counter() - start,
-                   f"[rank {rank}] " if world > 1 and not split else "")
-    classes: dict[str, pd.DataFrame] = {}
-    if world > 1 and not split:
-        classes = {layer: per_class_layer(model, layer, scoring, bundle.classes)
-                   for layer, r in zip(cfg.method.layers, class_owner) if r == rank}
-        got = gather((mine, classes))
-        if rank != 0:
-            leave()
-            return
-        done = {i: t for ranked, _ in got for i, t in ranked.items()}
-        classes = {layer: df for _, ranked in got for layer, df in ranked.items()}
-        for i, (label, _) in enumerate(todo):
-            traces.append(done[i])
-            frames.append(frame(cfg, done[i]))
-            log_run(run, frames[-1], label.replace(" ", "/"))
-        write_csv(pd.concat(frames, ignore_index=True), out / "curves.csv")
-    curves = pd.concat(frames, ignore_index=True)
+        if owner[i] == s.rank:
+            mine[i], seconds = greedy(cfg, s, job, state, memo, heldout)
+            line = report(label, frame(cfg, mine[i]), mine[i], seconds)
+            print(f"[rank {s.rank}] {line}", flush=True)
+    classes = {layer: per_class_layer(model, layer, scoring, bundle.classes, s.options)
+               for layer, r in zip(layers, class_owner) if r == s.rank}
+    got = gather((mine, classes)) or []  # None on ranks > 0
+    done = {i: t for runs, _ in got for i, t in runs.items()}
+    return [done[i] for i in sorted(done)], {k: v for _, part in got for k, v in part.items()}
+
+
+def analyse(cfg: DictConfig, s: Settings, out: Outputs, model: nn.Module,
+            data: tuple[DataBundle, Images, Images], traces: list[Trace],
+            frames: list[pd.DataFrame], classes: dict[str, pd.DataFrame]) -> None:
+    """regime.csv, paired.csv, curves.png, rank_agreement.csv/.png, per_class_car.csv and the
+    W&B tables of the finished runs (`classes`: per-class frames other ranks computed)."""
+    bundle, scoring, heldout = data
     regime = regime_frame(cfg, traces)
-    if lead:
-        write_csv(regime, out / "regime.csv")
-        print(f"scoring set ({cfg.method.scoring.split} split, {cfg.method.scoring.size} "
-              f"images): full-network top-1 {traces[0].scoring_top1:.4f}")
+    out.csv(regime, "regime.csv")
+    out.say(f"scoring set ({cfg.method.scoring.split} split, {cfg.method.scoring.size} "
+            f"images): full-network top-1 {traces[0].scoring_top1:.4f}")
     paired = paired_frame(cfg, model, heldout, traces)  # split: every rank's held-out hits
-    if lead and len(paired):
-        write_csv(paired, out / "paired.csv")
-    fig = curves_figure(cfg, curves, traces, regime) if lead else None
-    ranks = (agreement(cfg, model, scoring, traces, out, write=lead)
-             if cfg.method.rank_agreement else None)
+    if len(paired):
+        out.csv(paired, "paired.csv")
+    curves = pd.concat(frames, ignore_index=True)
+    logged = {"curves": out.figure("curves.png", lambda: curves_figure(cfg, curves, traces,
+                                                                        regime)),
+              "curves_table": curves}
+    if cfg.method.rank_agreement:
+        logged["rank_agreement_table"] = agreement(cfg, s, out, model, scoring, traces)
     if cfg.method.per_class:
-        per_class(cfg, model, scoring, bundle.classes, out, classes, write=lead)
-    if not lead:  # split: rank 0 has written everything
-        leave()
-        return
-    if run is not None:
-        import wandb
+        per_class(cfg, s, out, model, scoring, bundle.classes, classes)
+    out.log(logged)
 
-        def table(df: pd.DataFrame) -> wandb.Table:  # W&B types cells by value: NA -> None
-            return wandb.Table(dataframe=df.astype(object).where(df.notna(), None))
 
-        logged = {"curves": wandb.Image(fig), "curves_table": table(curves)}
-        if ranks is not None:
-            logged["rank_agreement_table"] = table(ranks)
-        run.log(logged)
-        run.finish()
-    print(f"results in {out}")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="prune")
+@guard
+@ranked
+def main(cfg: DictConfig, settings: Settings) -> None:
+    prune(cfg, settings)
+
+
+def prune(cfg: DictConfig, s: Settings) -> None:
+    """The job (see the module docstring), with the run's settings `s`."""
+    split = s.world > 1 and cfg.distribute == "images"  # else whole runs per rank
+    out = Outputs(cfg, "prune", lead=s.lead)  # rank 0 writes every shared output
+    if s.world > 1:
+        how = "scoring and held-out batches split" if split else "greedy runs divided"
+        out.say(f"{s.world} processes: {how} over them; results in {out.folder}")
+    bundle, scoring, heldout, model, example = set_up(cfg, s, out, split)
+    barrier()  # scoring_indices.txt is written: the runs' state key reads it
+    state = run_state(cfg, model, out.folder, shared=split)
+    todo = jobs(cfg, model, scoring, example)
+    frames: list[pd.DataFrame] = []
+    if s.world > 1 and not split:  # whole runs per rank, gathered on rank 0
+        traces, classes = divided(cfg, s, todo, model, (bundle, scoring, heldout, example),
+                                  state)
+        for (label, _), trace in zip(todo, traces):
+            record(cfg, out, frames, label, trace)
+    else:  # every run here (split: on this rank's images); curves.csv grows run by run
+        traces, classes, memo = [], {}, TallyMemo()  # memo: shared pruned networks count once
+        for label, job in todo:
+            trace, seconds = greedy(cfg, s, job, state, memo, heldout)
+            traces.append(trace)
+            out.say(report(label, record(cfg, out, frames, label, trace), trace, seconds))
+    if s.lead or split:  # split: every rank takes part; rank 0 writes
+        analyse(cfg, s, out, model, (bundle, scoring, heldout), traces, frames, classes)
+    out.close()
     leave()
 
 

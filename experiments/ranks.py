@@ -7,6 +7,7 @@ no-op for a single process.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -28,12 +29,13 @@ from torch import nn
 from carlib import MaskedNet
 from carlib.core.errors import CarlibError
 from carlib.dist.collectives import PeerFailed, assign, barrier, broadcast, join
-from carlib.pruning.criteria import CAR_FAMILY, get_criterion
+from carlib.pruning.criteria import counts_flips, get_criterion
 from carlib.pruning.greedy import global_cost
 from carlib.pruning.state import RunState
 from carlib.scoring.evaluate import eval_mode
 
 T = TypeVar("T")
+S = TypeVar("S")  # the settings of a run (`common.Settings`)
 
 RUN_TIME = "CARLIB_RUN_TIME"  # the run's start (seconds since the epoch), agreed by all ranks
 
@@ -89,16 +91,28 @@ def slurm_tasks() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def place(cfg: DictConfig) -> None:
-    """One GPU per process: where `device` is cuda (or auto with a GPU), make it cuda:N with N
-    the LOCAL_RANK under torchrun or SLURM tasks, or the job number modulo the GPU count in a
-    sweep (-m; a SLURM job sees its own GPU as cuda:0), and make it torch's current device.
-    Elsewhere `device` is left as it is."""
-    name = str(cfg.get("device") or "cpu")
-    if name == "auto" and torch.cuda.is_available():
-        name = "cuda"
-    if name != "cuda" or not torch.cuda.is_available():
-        return
+def device_of(name: str | None) -> torch.device:
+    """The torch device a config's `device` names (None: cpu): cpu, cuda, cuda:N, or auto
+    (cuda when torch sees a GPU, else cpu); a one-line error for one torch does not see."""
+    name = str(name or "cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise CarlibError(f"device='{name}' is not one of auto, cpu, cuda, cuda:N")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise CarlibError(f"device={name} but torch sees no CUDA GPU; use device=auto or cpu")
+    return torch.device(name)
+
+
+def place(cfg: DictConfig) -> torch.device:
+    """This process's device, from `cfg.device` (`device_of`), decided once per run. One GPU
+    per process: where it is cuda (or auto with a GPU), make it cuda:N with N the LOCAL_RANK
+    under torchrun or SLURM tasks, or the job number modulo the GPU count in a sweep (-m; a
+    SLURM job sees its own GPU as cuda:0), torch's current device, and record it in
+    `cfg.device`. Elsewhere `cfg.device` is left as it is."""
+    dev = device_of(cfg.get("device"))
+    if dev != torch.device("cuda"):  # the CPU, or a GPU named by its index
+        return dev
     n = torch.cuda.device_count()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         i = int(os.environ.get("LOCAL_RANK", "0"))
@@ -108,10 +122,11 @@ def place(cfg: DictConfig) -> None:
     elif HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         i = int(HydraConfig.get().job.num) % n
     else:
-        return
+        return dev
     with open_dict(cfg):
         cfg.device = f"cuda:{i}"
     torch.cuda.set_device(i)
+    return torch.device("cuda", i)
 
 
 def resume_hint(out: Path) -> str:
@@ -140,19 +155,20 @@ def stop_message(out: Path) -> None:
     threading.Thread(target=watch, daemon=True, name="carlib-stop").start()
 
 
-def ranked(job: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+def ranked(job: Callable[[DictConfig, S], None]) -> Callable[[DictConfig, S], None]:
     """A script's job over several processes: join the group (SLURM tasks join here; torchrun's
-    processes joined before Hydra), stop at once when told to (`stop_message`), and turn a peer
+    processes joined before Hydra) and give the job the run's settings (`common.Settings`)
+    with its rank and world size, stop at once when told to (`stop_message`), and turn a peer
     lost mid-collective into a one-line error that says how to resume. Alone: just `job`."""
 
     @functools.wraps(job)
-    def run(cfg: DictConfig) -> None:
-        _, world = join()
+    def run(cfg: DictConfig, settings: S) -> None:
+        r, world = join()
         out = Path(HydraConfig.get().runtime.output_dir)
         if world > 1:
             stop_message(out)
         try:
-            job(cfg)
+            job(cfg, dataclasses.replace(settings, rank=r, world=world))
         except PeerFailed as e:
             raise CarlibError(f"{e}; {resume_hint(out)}") from None
 
@@ -188,7 +204,7 @@ def run_cost(sizes: list[int], n_remove: int, k: int, criterion: str, heldout_ra
     (taylor: forward and backward) 3 passes per step."""
     steps = math.ceil(n_remove / k)
     cost = (steps + 1) * (1 + heldout_ratio)
-    if criterion in CAR_FAMILY:
+    if counts_flips(criterion):
         cost += global_cost(sizes, n_remove, k)["global"]
     elif get_criterion(criterion).depends == "network":
         cost += 3 * steps

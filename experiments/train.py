@@ -6,16 +6,16 @@
 from __future__ import annotations
 
 import hydra
-from common import checkpoint_path, guard, load_data, train_model
+from common import Settings, checkpoint_path, guard, load_data, train_model
 from omegaconf import DictConfig
 from ranks import one_process
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @guard
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig, s: Settings) -> None:
     bundle = load_data(cfg)
-    train_model(cfg, bundle, checkpoint_path(cfg, bundle))
+    train_model(cfg, bundle, checkpoint_path(cfg, bundle, s.device), s.device)
 
 
 if __name__ == "__main__":

@@ -167,3 +167,45 @@ def test_default_run_benchmark_at_tiny_scale(tmp_path):
     assert cold[6] == warm[6] and cold[7] == "4"  # same scoring top-1; 2 layers x 2 criteria
     kept = sorted(p.name for p in (tmp_path / "kept").iterdir())
     assert kept == ["config.yaml", "curves.csv", "curves.png", "paired.csv", "regime.csv"]
+
+
+PLUGIN = '''
+import torch
+
+from carlib.pruning.criteria import register_criterion
+
+
+def mine(net, layer, cut, kept, metric):
+    """Keeps the highest-numbered filters: removes filter 0, then 1, ..."""
+    return torch.tensor(kept, dtype=torch.float64), None
+
+
+register_criterion("mine", mine, depends="weights")
+'''
+
+
+def test_plugin_criterion_named_on_the_command_line(tmp_path):
+    """`plugins=[file.py]` imports a module that registers a criterion before the config's
+    criteria are checked, so `method.criteria=[mine]` runs it."""
+    plugin = tmp_path / "my_criteria.py"
+    plugin.write_text(PLUGIN)
+    res = run(tmp_path, *TINY, f"plugins=[{plugin}]", "method.criteria=[mine,l1]",
+              "method.layers=[conv2]")
+    assert res.returncode == 0, res.stderr[-2000:]
+    df = pd.read_csv(tmp_path / "run" / "curves.csv")
+    assert set(df.criterion) == {"mine", "l1"}
+    assert df[df.criterion == "mine"].removed_filter.dropna().tolist() == [0, 1]
+    agree = pd.read_csv(tmp_path / "run" / "rank_agreement.csv")
+    assert "mine" in set(agree.criterion)  # the live registry: the plugin's criterion too
+
+
+@pytest.mark.parametrize("plugin,message", [
+    ("no_such_module_xyz", "plugins: cannot import 'no_such_module_xyz' (ModuleNotFoundError"),
+    ("/nonexistent/crit.py", "plugins: cannot import '/nonexistent/crit.py' (FileNotFoundError"),
+])
+def test_plugin_that_cannot_be_imported_is_one_line(tmp_path, plugin, message):
+    res = run(tmp_path, *TINY, f"plugins=[{plugin}]", "method.criteria=[mine]")
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
