@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from carlib.core.errors import CarlibError
-from carlib.scoring.evaluate import model_device
+from carlib.core.module import model_device
 
 SCHEDULES = ("onecycle", "cosine", "none")
 

@@ -44,9 +44,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from carlib.analysis.color import pooled_color_count
-from carlib.analysis.stats import mean_interval
 from carlib.core.errors import CarlibError
 from carlib.core.io import write_csv
+from carlib.core.stats import mean_interval
 from carlib.pruning.criteria import counts_flips
 
 RUNS, SUMMARY, DIFFERENCES = "runs.csv", "summary.csv", "differences.csv"

@@ -24,10 +24,10 @@ from ranks import place, slurm_tasks
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from carlib import MaskedNet
-from carlib.analysis.stats import METHODS
 from carlib.core.errors import CarlibError
 from carlib.core.io import digest, save_figure, write_csv
 from carlib.core.precision import float32_exact
+from carlib.core.stats import METHODS
 from carlib.data.datasets import (
     DataBundle,
     in_memory,

@@ -45,6 +45,7 @@ from ranks import one_process
 from torch import nn
 
 from carlib.core.errors import CarlibError
+from carlib.core.module import model_device
 from carlib.data.datasets import DataBundle
 from carlib.physical.compression import (
     apply_mask,
@@ -62,7 +63,7 @@ from carlib.physical.removal import (
     removed_per_layer,
     save_pruned,
 )
-from carlib.scoring.evaluate import evaluate, model_device
+from carlib.scoring.evaluate import evaluate
 from carlib.train import SCHEDULES, fit
 from carlib.viz.plotting import plot_compression
 

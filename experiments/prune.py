@@ -70,8 +70,8 @@ from torch import nn
 from carlib import car_scores
 from carlib.analysis.agreement import layer_scores, rank_agreement, scores_from_traces
 from carlib.analysis.classes import per_class_frame
-from carlib.analysis.stats import paired_difference
 from carlib.core.errors import CarlibError
+from carlib.core.stats import paired_difference
 from carlib.data.datasets import DataBundle, in_memory, load_indices
 from carlib.data.decoded import Images
 from carlib.dist.collectives import barrier, broadcast, gather, leave
@@ -160,7 +160,7 @@ def regime_frame(cfg: DictConfig, traces: list[Trace]) -> pd.DataFrame:
 def paired_frame(cfg: DictConfig, model: nn.Module, heldout: object, traces: list[Trace]
                  ) -> pd.DataFrame:
     """paired.csv: each CAR-family run's final network against every other criterion's of the
-    same layer, on the same held-out images (`carlib.analysis.stats.paired_difference`)."""
+    same layer, on the same held-out images (`carlib.core.stats.paired_difference`)."""
     x = example_of(heldout)
     hits = {(t.layer, t.criterion): image_hits(t.pruned(model, x), heldout) for t in traces}
     rows = []

@@ -28,11 +28,11 @@ from torch import nn
 
 from carlib import MaskedNet
 from carlib.core.errors import CarlibError
+from carlib.core.module import eval_mode
 from carlib.dist.collectives import PeerFailed, assign, barrier, broadcast, join
 from carlib.pruning.criteria import counts_flips, get_criterion
 from carlib.pruning.greedy import global_cost
 from carlib.pruning.state import RunState
-from carlib.scoring.evaluate import eval_mode
 
 T = TypeVar("T")
 S = TypeVar("S")  # the settings of a run (`common.Settings`)

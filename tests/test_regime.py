@@ -15,7 +15,7 @@ from conftest import randomize_bn, self_labelled
 from test_greedy import Toy, groups
 
 from carlib import CarlibError, greedy_prune
-from carlib.analysis.stats import car_interval, mean_interval, paired_difference
+from carlib.core.stats import car_interval, mean_interval, paired_difference
 from carlib.data.datasets import hold_out, load_dataset, scoring_subset, targets
 from carlib.data.shapes import ALL_SHAPES, HARD, make_shapes
 from carlib.models import build_model

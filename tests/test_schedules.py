@@ -13,7 +13,7 @@ from torch import nn
 
 import carlib.pruning.criteria
 from carlib import CarlibError, MaskedNet, greedy_prune
-from carlib.analysis.stats import car_interval
+from carlib.core.stats import car_interval
 from carlib.pruning.greedy import global_prune
 from carlib.scoring.engine import naive_tally
 

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from carlib import CarlibError
-from carlib.analysis.stats import car_interval, clopper_pearson
+from carlib.core.stats import car_interval, clopper_pearson
 
 
 @pytest.mark.parametrize("n10,n01,n", [(7, 2, 50), (0, 3, 40), (5, 0, 40), (12, 12, 100),

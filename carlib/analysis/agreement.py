@@ -15,11 +15,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from carlib.core.module import eval_mode
 from carlib.network.graph import MaskedNet
 from carlib.pruning.criteria import get_criterion, registered
 from carlib.pruning.greedy import Trace
 from carlib.scoring.engine import LayerData, ScoringOptions, example_of
-from carlib.scoring.evaluate import check_metric, eval_mode
+from carlib.scoring.evaluate import check_metric
 
 COLUMNS = ["layer", "criterion", "spearman", "kendall", "n_filters"]
 

@@ -16,7 +16,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from carlib.scoring.evaluate import eval_mode
+from carlib.core.module import eval_mode
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from carlib.core.module import eval_mode
 from carlib.network.deps import Deps, Group, Member
 from carlib.network.ops import MASK_AFTER
-from carlib.scoring.evaluate import eval_mode
 
 KINDS = ("conv", "residual", "concat", "split", "gate", "depthwise", "grouped", "layernorm",
          "groupnorm")

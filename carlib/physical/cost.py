@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from carlib.scoring.evaluate import eval_mode, model_device
+from carlib.core.module import eval_mode, model_device
 
 COLUMNS = ["model", "variant", "params", "flops", "latency_ms_b1", "latency_ms_bN", "batch_size"]
 

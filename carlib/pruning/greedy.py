@@ -35,10 +35,12 @@ from functools import partial
 import torch
 from torch import nn
 
-from carlib.analysis.stats import METHODS, car_interval
 from carlib.core.errors import CarlibError
+from carlib.core.module import eval_mode
 from carlib.core.precision import float32_exact
+from carlib.core.stats import METHODS, car_interval
 from carlib.network.graph import MaskedNet
+from carlib.pruning import budget
 from carlib.pruning.cost import global_cost
 from carlib.pruning.criteria import Criterion, get_criterion, taylor
 from carlib.pruning.progress import Progress, work_left
@@ -56,7 +58,7 @@ from carlib.scoring.engine import (
     hit_rates,
     tally,
 )
-from carlib.scoring.evaluate import check_metric, eval_mode, topk_of
+from carlib.scoring.evaluate import check_metric, topk_of
 
 __all__ = ["Candidate", "GreedyRun", "GreedySettings", "Step", "Trace", "choose", "global_cost",
            "global_prune", "greedy_prune"]
@@ -68,7 +70,7 @@ class GreedySettings:
 
     `n_remove`: filters to remove, or a function of the masked net that checks and returns it;
     `min_keep`: filters every layer keeps (or per layer). `interval`: "exact" | "bootstrap"
-    (`carlib.analysis.stats`); `mode`: the CAR engine's mode; `options`: its pass sizes, cache
+    (`carlib.core.stats`); `mode`: the CAR engine's mode; `options`: its pass sizes, cache
     placement and precision. `prefilter`, `subset`: the approximate options (module doc).
     """
 
@@ -414,7 +416,7 @@ def _global_removals(net: MaskedNet, layers: Sequence[str], n_remove: int | None
     if n_remove is None and (keep_fraction is None or not 0 < keep_fraction <= 1):
         raise CarlibError(f"keep_fraction={keep_fraction}: set n_remove, or keep_fraction "
                           "in (0, 1]")
-    n = n_remove if n_remove is not None else total - round(keep_fraction * total)
+    n = budget.removals(total, n_remove, keep_fraction)
     if min_per_layer < 1 or not 0 <= n <= most:
         raise CarlibError(f"cannot remove {n} of {total} filters keeping {min_per_layer} "
                           f"per layer (min_per_layer >= 1); use n_remove in 0..{most}")
@@ -433,7 +435,7 @@ def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
     `data` is the scoring set ((inputs, targets) batches); `eval_data`, if given, is the held-out
     set whose top-1 accuracy is recorded after every step. Criteria: see `carlib.pruning.criteria`
     (a name or a `Criterion`; "car" with `metric`: top1 | top5 | loss).
-    `interval` ("exact" | "bootstrap", `carlib.analysis.stats`) gives CAR rows `score_lo`/`score_hi`
+    `interval` ("exact" | "bootstrap", `carlib.core.stats`) gives CAR rows `score_lo`/`score_hi`
     where the scoring engine provides flip counts. With `state`, progress is saved after every
     step and resumed from there. `progress`: a bar when stderr is a terminal, else a line per
     step with elapsed time and ETA (at most one every `log_every` seconds) to the

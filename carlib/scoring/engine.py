@@ -54,12 +54,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from carlib.core.errors import CarlibError
+from carlib.core.module import eval_mode, model_device
 from carlib.core.precision import float32_exact
 from carlib.dist import shards
 from carlib.network.graph import ConsumerSplit, MaskedNet
 from carlib.scoring import cache
 from carlib.scoring.cache import CachePlan
-from carlib.scoring.evaluate import check_metric, eval_mode, hits, losses, model_device, topk_of
+from carlib.scoring.evaluate import check_metric, hits, losses, topk_of
 
 MODES = ("fast", "plain", "naive")
 # Working memory of one batched pass (candidates x images). Small on purpose: on CPU, tensors
@@ -357,7 +358,7 @@ class Tally:
     `rechecked` is how many (candidate, image) pairs the fast path's guard recomputed.
     `flips_lost` / `flips_gained` count images that go right -> wrong / wrong -> right when
     the candidate is removed (so base_correct - correct = flips_lost - flips_gained); they
-    feed the CAR intervals of `carlib.analysis.stats`.
+    feed the CAR intervals of `carlib.core.stats`.
     """
 
     candidates: list[int]

@@ -1,26 +1,19 @@
-"""Measuring a model on data: hits per metric, accuracy, and a safe eval-mode switch."""
+"""Measuring a model on data: hits per metric, per-image losses, accuracy."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from carlib.core.errors import CarlibError
+from carlib.core.module import eval_mode
 from carlib.core.precision import float32_exact
 from carlib.dist import shards
 
 METRICS = ("top1", "top5", "loss")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of `model`'s first parameter (or buffer); the CPU for a model with neither."""
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def check_metric(metric: str) -> None:
@@ -46,18 +39,6 @@ def losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     flat = logits.reshape(-1, logits.shape[-1]).double()
     t = targets.expand(logits.shape[:-1]).reshape(-1)
     return F.cross_entropy(flat, t, reduction="none").view(logits.shape[:-1])
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode and restore each one's flag afterwards."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 @torch.no_grad()
