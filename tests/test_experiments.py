@@ -209,3 +209,21 @@ def test_plugin_that_cannot_be_imported_is_one_line(tmp_path, plugin, message):
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), res.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_example_plugin_of_the_readme(tmp_path):
+    """The README's example plugin (experiments/plugins/max_weight.py) runs as documented and
+    removes the filters with the smallest largest absolute weight first."""
+    import torch
+
+    from carlib.models import load_checkpoint
+
+    plugin = ROOT / "experiments" / "plugins" / "max_weight.py"
+    res = run(tmp_path, *TINY, f"plugins=[{plugin}]", "method.criteria=[max_weight]",
+              "method.layers=[conv1]", "method.rank_agreement=false", "method.per_class=false")
+    assert res.returncode == 0, res.stderr[-2000:]
+    df = pd.read_csv(tmp_path / "run" / "curves.csv")
+    removed = df[df.criterion == "max_weight"].removed_filter.dropna().astype(int).tolist()
+    (ckpt,) = (tmp_path / "cache" / "checkpoints").glob("*.pt")
+    weight = load_checkpoint(ckpt)[0].conv1.weight.detach().flatten(1).abs().amax(1)
+    assert removed == torch.argsort(weight, stable=True)[:len(removed)].tolist()
