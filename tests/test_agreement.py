@@ -9,7 +9,14 @@ import torch
 from test_criteria import _bn_case
 
 from carlib import car_scores, greedy_prune
-from carlib.analysis.agreement import COLUMNS, layer_scores, rank_agreement, scores_from_traces
+from carlib.analysis.agreement import (
+    COLUMNS,
+    EngineSettings,
+    layer_scores,
+    rank_agreement,
+    scores_from_traces,
+)
+from carlib.core.errors import CarlibError
 from carlib.core.io import save_figure
 from carlib.viz.plotting import plot_rank_agreement
 
@@ -49,3 +56,13 @@ def test_step0_scores_of_greedy_traces_are_the_full_layer_scores(tmp_path):
     assert len(df) == 3 + 2
     path = save_figure(plot_rank_agreement(df), tmp_path / "rank.png")
     assert path.stat().st_size > 10_000
+
+
+def test_layer_scores_engine_settings():
+    """The scoring engine's mode and options reach CAR (the naive reference agrees)."""
+    model, data = _bn_case(32)
+    fast = layer_scores(model, "conv2", data, ["car"])
+    naive = layer_scores(model, "conv2", data, ["car"], engine=EngineSettings(mode="naive"))
+    assert torch.equal(fast["car"], naive["car"])
+    with pytest.raises(CarlibError, match="scoring mode .nope."):
+        layer_scores(model, "conv2", data, ["car"], engine=EngineSettings(mode="nope"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -19,37 +20,48 @@ from carlib.core.module import eval_mode
 from carlib.network.graph import MaskedNet
 from carlib.pruning.criteria import get_criterion, registered
 from carlib.pruning.greedy import Trace
-from carlib.scoring.engine import LayerData, ScoringOptions, example_of
+from carlib.scoring.cuts import LayerData
 from carlib.scoring.evaluate import check_metric
+from carlib.scoring.inputs import example_of
+from carlib.scoring.options import ScoringOptions
 
 COLUMNS = ["layer", "criterion", "spearman", "kendall", "n_filters"]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The scoring engine's settings (`carlib.scoring.tally`), as in `greedy_prune`: its `mode`
+    and its `options` (`ScoringOptions`; None: the defaults of the model's device)."""
+
+    mode: str = "fast"
+    options: ScoringOptions | None = None
 
 
 def layer_scores(model: nn.Module, layer: str, data: Iterable,
                  criteria: Sequence[str] | None = None, *, metric: str = "top1", seed: int = 0,
                  known: Mapping[str, Sequence[float]] | None = None,
-                 options: ScoringOptions | None = None, mode: str = "fast"
-                 ) -> dict[str, torch.Tensor]:
+                 engine: EngineSettings | None = None) -> dict[str, torch.Tensor]:
     """Each criterion's score of every filter of `layer` on the full network (float64).
 
     `criteria`: names, or None for every criterion registered when called (`registered`).
     One scoring round per criterion on `data`, sharing one cached prefix; scores in `known`
     (criterion -> scores, e.g. from `scores_from_traces`) are taken as given instead.
-    `options` and `mode`: the scoring engine's (`carlib.scoring.engine`), as in `greedy_prune`.
+    `engine`: the scoring engine's mode and options (None: `EngineSettings()`).
     """
     check_metric(metric)
     known = known or {}
+    engine = engine or EngineSettings()
     out: dict[str, torch.Tensor] = {}
     with eval_mode(model), torch.no_grad():
         net = MaskedNet(model, example_of(data))
-        cut = LayerData(net, layer, data, options=options)
+        cut = LayerData(net, layer, data, options=engine.options)
         kept = list(range(net.unit(layer).num_filters))
         for name in registered() if criteria is None else criteria:
             if name in known:
                 out[name] = torch.as_tensor(known[name], dtype=torch.float64)
             else:
-                out[name] = get_criterion(name, seed, mode=mode)(net, layer, cut, kept,
-                                                                 metric)[0].double().cpu()
+                score = get_criterion(name, seed, mode=engine.mode)
+                out[name] = score(net, layer, cut, kept, metric)[0].double().cpu()
     return out
 
 

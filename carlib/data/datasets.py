@@ -343,49 +343,70 @@ def load_dataset(
     generated shapes they set how many images are generated: default 12000/2000).
     `val_size` > 0 then holds that many training images out of training (`hold_out`).
     """
-    bundle = _load(name, None if root in (None, "") else str(root), seed, n_train, n_test,
-                   image_size, color_label, download, weights_transforms, generator)
-    return hold_out(bundle, val_size, seed)
+    request = _Request(name, None if root in (None, "") else str(root), seed, n_train, n_test,
+                       image_size, color_label, download, weights_transforms, generator)
+    return hold_out(_load(request), val_size, seed)
 
 
-def _load(name: str, root: str | None, seed: int, n_train: int | None, n_test: int | None,
-          image_size: int | None, color_label: bool, download: bool,
-          weights_transforms: Callable | None, generator: Mapping | None) -> DataBundle:
-    if name in ("shapes", "shapes_hard"):
-        image_size = 32 if image_size is None else image_size
-        n_tr = 12000 if n_train is None else n_train
-        n_te = 2000 if n_test is None else n_test
-        gen = {**(HARD if name == "shapes_hard" else {}), **(generator or {})}
-        unknown = set(gen) - set(GENERATOR_KEYS)
-        if unknown:
-            raise CarlibError(f"unknown data.generator keys {sorted(unknown)}; valid: "
-                              f"{', '.join(GENERATOR_KEYS)}")
-        x_tr, y_tr, classes = make_shapes(n_tr, seed, image_size, color_label, **gen)
-        x_te, y_te, _ = make_shapes(n_te, seed + SHAPES_TEST_SEED_OFFSET, image_size,
-                                    color_label, **gen)
-        return DataBundle(
-            TensorDataset(_normalize(x_tr, SHAPES_MEAN, SHAPES_STD), y_tr),
-            TensorDataset(_normalize(x_te, SHAPES_MEAN, SHAPES_STD), y_te),
-            classes, 3, image_size, name, SHAPES_MEAN, SHAPES_STD)
+@dataclass(frozen=True)
+class _Request:
+    """`load_dataset`'s arguments but `val_size` (`root` None when not given)."""
+
+    name: str
+    root: str | None
+    seed: int
+    n_train: int | None
+    n_test: int | None
+    image_size: int | None
+    color_label: bool
+    download: bool
+    weights_transforms: Callable | None
+    generator: Mapping | None
+
+
+def _load_shapes(r: _Request) -> DataBundle:
+    """Generated shapes: `make_shapes` with the preset of `r.name` and `r.generator` on top."""
+    image_size = 32 if r.image_size is None else r.image_size
+    n_tr = 12000 if r.n_train is None else r.n_train
+    n_te = 2000 if r.n_test is None else r.n_test
+    gen = {**(HARD if r.name == "shapes_hard" else {}), **(r.generator or {})}
+    unknown = set(gen) - set(GENERATOR_KEYS)
+    if unknown:
+        raise CarlibError(f"unknown data.generator keys {sorted(unknown)}; valid: "
+                          f"{', '.join(GENERATOR_KEYS)}")
+    x_tr, y_tr, classes = make_shapes(n_tr, r.seed, image_size, r.color_label, **gen)
+    x_te, y_te, _ = make_shapes(n_te, r.seed + SHAPES_TEST_SEED_OFFSET, image_size,
+                                r.color_label, **gen)
+    return DataBundle(
+        TensorDataset(_normalize(x_tr, SHAPES_MEAN, SHAPES_STD), y_tr),
+        TensorDataset(_normalize(x_te, SHAPES_MEAN, SHAPES_STD), y_te),
+        classes, 3, image_size, r.name, SHAPES_MEAN, SHAPES_STD)
+
+
+def _load(r: _Request) -> DataBundle:
+    """The train/test splits `r` asks for (`load_dataset` then holds out val)."""
+    if r.name in ("shapes", "shapes_hard"):
+        return _load_shapes(r)
+    name, root, image_size = r.name, r.root, r.image_size
     if name == "fashion_mnist":
         if image_size not in (None, 28, 32):
             raise CarlibError(f"data.image_size={image_size}: Fashion-MNIST is 28 (native) or "
                               "32 (zero-padded)")
-        train, test = _load_fashion(root, download, pad=(image_size or 28) - 28)
+        train, test = _load_fashion(root, r.download, pad=(image_size or 28) - 28)
         classes, channels, size = list(FASHION_MNIST_CLASSES), 1, image_size or 28
         mean, std = FASHION_MEAN, FASHION_STD
     elif name == "cifar10":
-        train, test, classes = _load_cifar10(root, download)
+        train, test, classes = _load_cifar10(root, r.download)
         channels, size, mean, std = 3, 32, CIFAR10_MEAN, CIFAR10_STD
     elif name == "imagenet":
-        train, test, classes, size = _load_imagenet(root, weights_transforms, image_size)
+        train, test, classes, size = _load_imagenet(root, r.weights_transforms, image_size)
         channels = 3
-        mean = tuple(getattr(weights_transforms, "mean", IMAGENET_MEAN))
-        std = tuple(getattr(weights_transforms, "std", IMAGENET_STD))
+        mean = tuple(getattr(r.weights_transforms, "mean", IMAGENET_MEAN))
+        std = tuple(getattr(r.weights_transforms, "std", IMAGENET_STD))
     else:
         raise CarlibError(f"Unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}.")
-    train = _subset(train, n_train, seed, "n_train")
-    test = _subset(test, n_test, seed + 1, "n_test")
+    train = _subset(train, r.n_train, r.seed, "n_train")
+    test = _subset(test, r.n_test, r.seed + 1, "n_test")
     return DataBundle(train, test, classes, channels, size, name, mean, std)
 
 

@@ -16,6 +16,8 @@ removing one filter changes many of its decisions (CAR's regime; see REPRODUCING
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -129,6 +131,19 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
     return rgb @ _LUMA
 
 
+def _luma_gap_off(fg: np.ndarray, bg: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Which pairs' luma gap lies outside (lo, hi)."""
+    gap = np.abs(_luma(fg) - _luma(bg))
+    return (gap < lo) | (gap > hi)
+
+
+def _gray(rng: np.random.Generator, m: int) -> np.ndarray:
+    """`m` low-saturation colors (m x 3): backgrounds that are never a palette color."""
+    level = rng.random((m, 1), dtype=np.float32)
+    tint = rng.uniform(-0.08, 0.08, (m, 3)).astype(np.float32)
+    return np.clip(level + tint, 0, 1)
+
+
 def _draw_colors(
     rng: np.random.Generator, color_idx: np.ndarray | None, n: int,
     contrast: tuple[float, float] = (_MIN_LUMA_GAP, 1.0)
@@ -137,33 +152,22 @@ def _draw_colors(
     luma gap lies in `contrast` (low, high), in palette mode their RGB distance is large."""
     if color_idx is None:
         lo, hi = contrast
-
-        def bad_pairs() -> np.ndarray:
-            gap = np.abs(_luma(fg) - _luma(bg))
-            return (gap < lo) | (gap > hi)
-
         fg = rng.random((n, 3), dtype=np.float32)
         bg = rng.random((n, 3), dtype=np.float32)
-        bad = bad_pairs()
+        bad = _luma_gap_off(fg, bg, lo, hi)
         while bad.any():  # rejection sampling; deterministic given the rng
             m = int(bad.sum())
             fg[bad] = rng.random((m, 3), dtype=np.float32)
             bg[bad] = rng.random((m, 3), dtype=np.float32)
-            bad = bad_pairs()
+            bad = _luma_gap_off(fg, bg, lo, hi)
         return fg, bg
     palette = np.array(list(COLORS.values()), dtype=np.float32)
     jitter = rng.uniform(-_JITTER, _JITTER, (n, 3)).astype(np.float32)
     fg = np.clip(palette[color_idx] + jitter, 0, 255) / 255
-
-    def gray_bg(m: int) -> np.ndarray:  # low-saturation background: never a palette color
-        level = rng.random((m, 1), dtype=np.float32)
-        tint = rng.uniform(-0.08, 0.08, (m, 3)).astype(np.float32)
-        return np.clip(level + tint, 0, 1)
-
-    bg = gray_bg(n)
+    bg = _gray(rng, n)
     bad = np.linalg.norm(fg - bg, axis=1) < _MIN_RGB_GAP
     while bad.any():
-        bg[bad] = gray_bg(int(bad.sum()))
+        bg[bad] = _gray(rng, int(bad.sum()))
         bad = np.linalg.norm(fg - bg, axis=1) < _MIN_RGB_GAP
     return fg, bg
 
@@ -232,6 +236,39 @@ def _blend(img: np.ndarray, alpha: np.ndarray, color: np.ndarray) -> np.ndarray:
     return img * (1 - a) + color[:, :, None, None] * a
 
 
+@dataclass(frozen=True)
+class _Style:
+    """`make_shapes`'s settings but the count and the seed (see there)."""
+
+    size: int
+    color_label: bool
+    noise: float
+    classes: int
+    contrast: Sequence[float]
+    radius: Sequence[float]
+    distractors: int
+    occluders: int
+
+
+class _Layer(NamedTuple):
+    """One drawing layer, a value per image: a shape (`kind`: its index into ALL_SHAPES,
+    `extent`: its circumradius) or a bar (`kind` None, `extent`: its width), all in pixels."""
+
+    kind: np.ndarray | None
+    x: np.ndarray
+    y: np.ndarray
+    theta: np.ndarray
+    extent: np.ndarray
+    color: np.ndarray
+
+    def coverage(self, sl: slice, size: int) -> np.ndarray:
+        """Coverage (B x size x size) of images `sl`."""
+        if self.kind is None:
+            return _bars(self.x[sl], self.y[sl], self.theta[sl], self.extent[sl], size)
+        return _alpha(ALL_SHAPES, self.kind[sl], self.x[sl], self.y[sl], self.theta[sl],
+                      self.extent[sl], size)
+
+
 def make_shapes(
     n: int, seed: int, size: int = 32, color_label: bool = False, noise: float = 0.05, *,
     classes: int = len(SHAPES), contrast: Sequence[float] = (_MIN_LUMA_GAP, 1.0),
@@ -250,6 +287,20 @@ def make_shapes(
     across the image in front of it. Classes are balanced (counts differ by at most one).
     `noise` is the std of additive Gaussian pixel noise as a fraction of 255.
     """
+    style = _Style(size, color_label, noise, classes, contrast, radius, distractors, occluders)
+    _check(n, style)
+    rng = np.random.default_rng(seed)
+    names = class_names(color_label, classes)
+    labels = rng.permutation(np.arange(n) % len(names))
+    labelled, bg = _labelled(rng, labels, style)
+    behind, in_front = _clutter(seed, n, style)
+    images = _render(rng, bg, [*behind, labelled, *in_front], style)
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), names
+
+
+def _check(n: int, style: _Style) -> None:
+    """A one-line CarlibError for settings `make_shapes` cannot draw."""
+    size, noise, contrast, radius = style.size, style.noise, style.contrast, style.radius
     if n < 0 or size < 8:
         raise CarlibError(f"make_shapes needs n >= 0 and size >= 8 (got n={n}, size={size}).")
     if noise < 0:
@@ -262,45 +313,62 @@ def make_shapes(
     if not 0 < lo_r <= hi_r <= 0.5:
         raise CarlibError(f"radius={list(radius)}: give (low, high) fractions of the image "
                           "size with 0 < low <= high <= 0.5")
-    if distractors < 0 or occluders < 0:
-        raise CarlibError(f"distractors={distractors}, occluders={occluders}: use counts >= 0")
-    rng = np.random.default_rng(seed)
-    names = class_names(color_label, classes)
-    shapes = ALL_SHAPES[:classes]
-    labels = rng.permutation(np.arange(n) % len(names))
-    n_col = len(COLORS)
-    shape_idx = labels // n_col if color_label else labels
-    fg, bg = _draw_colors(rng, labels % n_col if color_label else None, n, (lo_c, hi_c))
+    if style.distractors < 0 or style.occluders < 0:
+        raise CarlibError(f"distractors={style.distractors}, occluders={style.occluders}: "
+                          "use counts >= 0")
+
+
+def _labelled(rng: np.random.Generator, labels: np.ndarray, style: _Style
+              ) -> tuple[_Layer, np.ndarray]:
+    """The labelled shapes (their class, colors, size, place and angle, drawn from `rng`) and
+    the background colors (n x 3)."""
+    n, size, n_col = len(labels), style.size, len(COLORS)
+    lo_c, hi_c = (float(v) for v in style.contrast)
+    lo_r, hi_r = (float(v) for v in style.radius)
+    shape_idx = labels // n_col if style.color_label else labels
+    fg, bg = _draw_colors(rng, labels % n_col if style.color_label else None, n, (lo_c, hi_c))
     rad = rng.uniform(lo_r, hi_r, n).astype(np.float32) * size
     cx = rng.uniform(rad, size - rad).astype(np.float32)
     cy = rng.uniform(rad, size - rad).astype(np.float32)
     theta = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
-    # clutter from its own stream, so the settings without it give the same images as before
-    extra = np.random.default_rng([seed, 1])
-    dis = [(extra.integers(0, len(ALL_SHAPES), n),
-            extra.uniform(0, size, (2, n)).astype(np.float32),
-            extra.uniform(0, 2 * np.pi, n).astype(np.float32),
-            (extra.uniform(*_DISTRACTOR_RADIUS, n) * size).astype(np.float32),
-            extra.random((n, 3), dtype=np.float32)) for _ in range(distractors)]
-    occ = [(extra.uniform(0, size, (2, n)).astype(np.float32),
-            extra.uniform(0, np.pi, n).astype(np.float32),
-            (extra.uniform(*_OCCLUDER_WIDTH, n) * size).astype(np.float32),
-            extra.random((n, 3), dtype=np.float32)) for _ in range(occluders)]
+    return _Layer(shape_idx, cx, cy, theta, rad, fg), bg
 
+
+def _clutter(seed: int, n: int, style: _Style) -> tuple[list[_Layer], list[_Layer]]:
+    """The distractor shapes (drawn behind) and occluder bars (in front), from a stream of
+    their own, so the settings without them give the same images as before."""
+    extra = np.random.default_rng([seed, 1])
+    size = style.size
+    behind = []
+    for _ in range(style.distractors):
+        kind = extra.integers(0, len(ALL_SHAPES), n)
+        x, y = extra.uniform(0, size, (2, n)).astype(np.float32)
+        theta = extra.uniform(0, 2 * np.pi, n).astype(np.float32)
+        r = (extra.uniform(*_DISTRACTOR_RADIUS, n) * size).astype(np.float32)
+        behind.append(_Layer(kind, x, y, theta, r, extra.random((n, 3), dtype=np.float32)))
+    in_front = []
+    for _ in range(style.occluders):
+        x, y = extra.uniform(0, size, (2, n)).astype(np.float32)
+        theta = extra.uniform(0, np.pi, n).astype(np.float32)
+        w = (extra.uniform(*_OCCLUDER_WIDTH, n) * size).astype(np.float32)
+        in_front.append(_Layer(None, x, y, theta, w, extra.random((n, 3), dtype=np.float32)))
+    return behind, in_front
+
+
+def _render(rng: np.random.Generator, bg: np.ndarray, layers: Sequence[_Layer],
+            style: _Style) -> np.ndarray:
+    """uint8 images (n x 3 x size x size): `layers` painted in order over the background
+    colors `bg`, `_CHUNK` images at a time, plus pixel noise drawn from `rng`."""
+    n, size, noise = len(bg), style.size, style.noise
     images = np.empty((n, 3, size, size), dtype=np.uint8)
     for start in range(0, n, _CHUNK):
         sl = slice(start, min(start + _CHUNK, n))
         img = np.broadcast_to(bg[sl, :, None, None], (sl.stop - sl.start, 3, size, size))
-        for kind, (x, y), th, r, color in dis:
-            img = _blend(img, _alpha(ALL_SHAPES, kind[sl], x[sl], y[sl], th[sl], r[sl], size),
-                         color[sl])
-        img = _blend(img, _alpha(shapes, shape_idx[sl], cx[sl], cy[sl], theta[sl], rad[sl],
-                                 size), fg[sl])
-        for (x, y), th, w, color in occ:
-            img = _blend(img, _bars(x[sl], y[sl], th[sl], w[sl], size), color[sl])
+        for layer in layers:
+            img = _blend(img, layer.coverage(sl, size), layer.color[sl])
         img = img * 255
         if noise > 0:
             img += rng.standard_normal(img.shape, dtype=np.float32) * (noise * 255)
         np.clip(img + 0.5, 0, 255, out=img)
         images[sl] = img.astype(np.uint8)
-    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), names
+    return images
