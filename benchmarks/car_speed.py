@@ -27,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from carlib.models import build_model  # noqa: E402
 from carlib.network.graph import MaskedNet  # noqa: E402
-from carlib.scoring.engine import DEFAULT_MAX_BYTES, LayerData, Tally, naive_tally, tally  # noqa: E402
+from carlib.scoring.counts import Tally  # noqa: E402
+from carlib.scoring.cuts import LayerData  # noqa: E402
+from carlib.scoring.options import DEFAULT_MAX_BYTES  # noqa: E402
+from carlib.scoring.tally import naive_tally, tally  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

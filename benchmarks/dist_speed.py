@@ -30,7 +30,8 @@ from car_speed import load, make_case, parse_args  # noqa: E402
 from carlib.data.decoded import Images  # noqa: E402
 from carlib.dist.collectives import barrier, join, leave  # noqa: E402
 from carlib.network.graph import MaskedNet  # noqa: E402
-from carlib.scoring.engine import LayerData, tally  # noqa: E402
+from carlib.scoring.cuts import LayerData  # noqa: E402
+from carlib.scoring.tally import tally  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:

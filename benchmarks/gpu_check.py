@@ -41,7 +41,9 @@ from make_imagefolder import make_tree  # noqa: E402
 from carlib.core.precision import float32_exact  # noqa: E402
 from carlib.models import build_model  # noqa: E402
 from carlib.network.graph import MaskedNet  # noqa: E402
-from carlib.scoring.engine import LayerData, ScoringOptions, naive_tally, tally  # noqa: E402
+from carlib.scoring.cuts import LayerData  # noqa: E402
+from carlib.scoring.options import ScoringOptions  # noqa: E402
+from carlib.scoring.tally import naive_tally, tally  # noqa: E402
 
 LAYERS = {"alexnet": ["features.0", "features.3"],
           "resnet50": ["conv1", "layer1.0.conv2", "layer3.0.conv2"]}

@@ -43,8 +43,9 @@ from carlib.dist.collectives import rank_world
 from carlib.dist.shards import split
 from carlib.models import build_model, load_checkpoint, save_checkpoint
 from carlib.pruning.criteria import get_criterion
-from carlib.scoring.engine import MODES, ScoringOptions
 from carlib.scoring.evaluate import METRICS, evaluate
+from carlib.scoring.options import ScoringOptions
+from carlib.scoring.tally import MODES
 from carlib.train import fit
 
 # Jobs of Hydra's submitit launcher (SLURM, or submitit_local) unpickle the script's task
@@ -550,7 +551,7 @@ def data_key(cfg: DictConfig, resolve: bool = True) -> dict:
 
 
 def scoring_options(cfg: DictConfig, device: torch.device) -> ScoringOptions:
-    """The engine's options (`carlib.scoring.engine.ScoringOptions`) from `method.scoring`: the
+    """The engine's options (`carlib.scoring.options.ScoringOptions`) from `method.scoring`: the
     `device`'s defaults where a key is null."""
     s = cfg.method.scoring
 

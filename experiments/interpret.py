@@ -55,7 +55,7 @@ from carlib.data.datasets import DataBundle
 from carlib.data.decoded import Images
 from carlib.dist.collectives import broadcast, leave
 from carlib.dist.shards import take
-from carlib.scoring.engine import example_of
+from carlib.scoring.inputs import example_of
 from carlib.viz.gallery import filter_gallery, top_images_gallery
 from carlib.viz.plotting import plot_curves
 

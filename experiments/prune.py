@@ -68,7 +68,12 @@ from ranks import (
 from torch import nn
 
 from carlib import car_scores
-from carlib.analysis.agreement import layer_scores, rank_agreement, scores_from_traces
+from carlib.analysis.agreement import (
+    EngineSettings,
+    layer_scores,
+    rank_agreement,
+    scores_from_traces,
+)
 from carlib.analysis.classes import per_class_frame
 from carlib.core.errors import CarlibError
 from carlib.core.stats import paired_difference
@@ -79,8 +84,10 @@ from carlib.pruning.budget import kept, removals
 from carlib.pruning.criteria import counts_flips, registered
 from carlib.pruning.greedy import Trace, global_prune, greedy_prune
 from carlib.pruning.state import RunState, fingerprint
-from carlib.scoring.engine import ScoringOptions, TallyMemo, example_of
+from carlib.scoring.counts import TallyMemo
 from carlib.scoring.evaluate import image_hits
+from carlib.scoring.inputs import example_of
+from carlib.scoring.options import ScoringOptions
 from carlib.viz.plotting import plot_curves, plot_rank_agreement, regime_notes
 
 SCHEDULES = ("layerwise", "global")
@@ -185,9 +192,9 @@ def agreement(cfg: DictConfig, s: Settings, out: Outputs, model: nn.Module, scor
     """
     known = scores_from_traces(traces)
     names = [c for c in registered() if c != "car_random_tie"]  # its scores are CAR's
+    engine = EngineSettings(s.mode, s.options)
     scores = {layer: layer_scores(model, layer, scoring, names, metric=cfg.method.metric,
-                                  seed=cfg.seed, known=known.get(layer), options=s.options,
-                                  mode=s.mode)
+                                  seed=cfg.seed, known=known.get(layer), engine=engine)
               for layer in cfg.method.layers}
     df = rank_agreement(scores)
     out.csv(df, "rank_agreement.csv")

@@ -10,7 +10,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from carlib import CarlibError, MaskedNet
 from carlib.scoring.cache import count_images
-from carlib.scoring.engine import LayerData, ScoringOptions, naive_tally, tally
+from carlib.scoring.cuts import LayerData
+from carlib.scoring.options import ScoringOptions
+from carlib.scoring.tally import naive_tally, tally
 
 MAX_BYTES = 2**20  # small passes, so budgets of a few MiB decide the placement
 

@@ -11,7 +11,7 @@ from torch import nn
 from carlib import CarlibError, MaskedNet, greedy_prune
 from carlib.models import build_model
 from carlib.pruning.criteria import CRITERIA, get_criterion, make_random, relu_follows
-from carlib.scoring.engine import LayerData
+from carlib.scoring.cuts import LayerData
 
 
 class OneByOne(nn.Module):

@@ -12,8 +12,9 @@ from torchvision.models.resnet import Bottleneck
 from carlib import CarlibError, MaskedNet
 from carlib.models import build_model
 from carlib.scoring import engine as sc
-from carlib.scoring.engine import LayerData, naive_tally, tally
+from carlib.scoring.cuts import LayerData
 from carlib.scoring.evaluate import hits
+from carlib.scoring.tally import naive_tally, tally
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -207,10 +208,10 @@ def test_unsure_flags_small_top_k_margins():
                            [2.0, 2.0 - 1e-6, 0.0, 0.0],  # target 1 second by 1e-6
                            [3.0, 1.0, 1.0 + 1e-6, 0.0]])  # target 1 third by 1e-6
     y = torch.tensor([0, 1, 1, 1])
-    assert sc._unsure(logits, y, 1, 1e-4).tolist() == [False, True, True, False]
-    assert sc._unsure(logits, y, 2, 1e-4).tolist() == [False, False, False, True]
-    assert sc._unsure(logits, y, 4, 1e-4).tolist() == [False] * 4
-    assert sc._unsure(logits, y, 1, 1e-7).tolist() == [False, True, False, False]
+    assert sc.unsure(logits, y, 1, 1e-4).tolist() == [False, True, True, False]
+    assert sc.unsure(logits, y, 2, 1e-4).tolist() == [False, False, False, True]
+    assert sc.unsure(logits, y, 4, 1e-4).tolist() == [False] * 4
+    assert sc.unsure(logits, y, 1, 1e-7).tolist() == [False, True, False, False]
 
 
 class Tied(nn.Module):
@@ -253,14 +254,14 @@ def test_exact_ties_match_reference_tie_rule():
 
 def _perturb(monkeypatch, targets: torch.Tensor, scale: float) -> None:
     """Make the fast path lower the target logit by scale x default_rtol x max |logit|."""
-    original = sc._Engine.ablated
+    original = sc.Engine.ablated
 
     def ablated(self, xs, ys, extras, cs):
         out = original(self, xs, ys, extras, cs)
         tol = scale * sc.default_rtol(out.dtype) * out.abs().amax(-1, keepdim=True)
         return out.scatter_add(-1, targets.expand(out.shape[:2]).unsqueeze(-1), -tol)
 
-    monkeypatch.setattr(sc._Engine, "ablated", ablated)
+    monkeypatch.setattr(sc.Engine, "ablated", ablated)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -17,7 +17,8 @@ import carlib
 from carlib.models import build_model
 from carlib.network.graph import MaskedNet, coverage
 from carlib.physical.removal import ungroup
-from carlib.scoring.engine import LayerData, naive_tally, tally
+from carlib.scoring.cuts import LayerData
+from carlib.scoring.tally import naive_tally, tally
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from unit_coverage import MODELS as ALL_MODELS  # noqa: E402
@@ -155,10 +156,10 @@ def test_masked_layernorm_rows_equal_single_removals() -> None:
     layer = next(n for n, u in net.units.items() if "layernorm" in u.kind)
     cut = LayerData(net, layer, [(x, torch.zeros(2, dtype=torch.long))])
     (h, *extras), _ = next(iter(cut))
-    from carlib.scoring.engine import _zeroed_suffix
+    from carlib.scoring.engine import zeroed_suffix
     cs = torch.tensor([0, 5, 7])
     rows = torch.arange(2).repeat(3)
-    got = _zeroed_suffix(cut, h, extras, rows, cs.repeat_interleave(2)).view(3, 2, -1)
+    got = zeroed_suffix(cut, h, extras, rows, cs.repeat_interleave(2)).view(3, 2, -1)
     for j, c in enumerate(cs.tolist()):
         net.remove(layer, [c])
         with torch.no_grad():

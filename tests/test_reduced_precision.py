@@ -7,7 +7,10 @@ import torch
 from test_engine import CASES, _all, _prepare
 
 from carlib import CarlibError, MaskedNet, car_scores
-from carlib.scoring.engine import LayerData, ScoringOptions, TallyMemo, naive_tally, tally
+from carlib.scoring.counts import TallyMemo
+from carlib.scoring.cuts import LayerData
+from carlib.scoring.options import ScoringOptions
+from carlib.scoring.tally import naive_tally, tally
 
 BF16 = ScoringOptions(precision="bf16")
 SHAPES = {"tinyres": (3, 16, 16), "inplace": (3, 16, 16), "alexnet_small": (3, 32, 32)}

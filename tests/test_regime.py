@@ -21,7 +21,7 @@ from carlib.data.shapes import ALL_SHAPES, HARD, make_shapes
 from carlib.models import build_model
 from carlib.pruning.criteria import Criterion, get_criterion, make_car, register_criterion
 from carlib.pruning.select import Candidate, choose, random_keys
-from carlib.scoring.engine import TallyMemo
+from carlib.scoring.counts import TallyMemo
 from carlib.scoring.evaluate import evaluate, image_hits
 
 ROOT = Path(__file__).resolve().parents[1]

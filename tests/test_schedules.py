@@ -15,7 +15,7 @@ import carlib.pruning.criteria
 from carlib import CarlibError, MaskedNet, greedy_prune
 from carlib.core.stats import car_interval
 from carlib.pruning.greedy import global_prune
-from carlib.scoring.engine import naive_tally
+from carlib.scoring.tally import naive_tally
 
 
 class TwoLayer(nn.Module):

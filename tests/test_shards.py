@@ -18,8 +18,9 @@ from carlib.dist.collectives import join, leave
 from carlib.dist.shards import Shard, fold, split, take
 from carlib.models import build_model
 from carlib.pruning.criteria import get_criterion
-from carlib.scoring.engine import LayerData, hit_rates, naive_tally, tally
+from carlib.scoring.cuts import LayerData
 from carlib.scoring.evaluate import evaluate, image_hits
+from carlib.scoring.tally import hit_rates, naive_tally, tally
 
 LAYER = "conv2"
 

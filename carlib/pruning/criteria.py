@@ -3,7 +3,7 @@
 A criterion is a `Criterion`: a name, a scoring function (net, layer, cut, kept, metric) ->
 (scores, tally or None), with `scores[i]` the importance of filter `kept[i]` (higher = more
 important), recomputed after every removal so all criteria follow the same greedy schedule, and
-the rule that breaks ties on the score. The tally (`carlib.scoring.engine.Tally`, hits in `metric`'s
+the rule that breaks ties on the score. The tally (`carlib.scoring.counts.Tally`, hits in `metric`'s
 top-k) counts the candidates `kept`, or none (a base-only tally: the network's own hits, which
 greedy runs record as scoring accuracy instead of measuring it again). `cut` is the layer's
 `LayerData` on the scoring set; its prefix output is the layer's channels at the mask point,
@@ -47,8 +47,10 @@ from carlib.core.errors import CarlibError
 from carlib.dist import shards
 from carlib.network import ops
 from carlib.network.graph import MaskedNet
-from carlib.scoring.engine import LayerData, Tally, tally
+from carlib.scoring.counts import Tally
+from carlib.scoring.cuts import LayerData
 from carlib.scoring.evaluate import hits, losses, topk_of
+from carlib.scoring.tally import tally
 
 Scores = tuple[torch.Tensor, Tally | None]
 ScoreFn = Callable[[MaskedNet, str, LayerData, list[int], str], Scores]
@@ -106,7 +108,7 @@ def _filter_weights(net: MaskedNet, layer: str) -> list[torch.Tensor]:
 
 
 def make_car(mode: str = "fast") -> ScoreFn:
-    """CAR counted by the scoring engine in `mode` (`carlib.scoring.engine`: fast | plain | naive;
+    """CAR counted by the scoring engine in `mode` (`carlib.scoring.tally`: fast | plain | naive;
     all give the same counts, naive is the slow reference)."""
 
     def car(net: MaskedNet, layer: str, cut: LayerData, kept: list[int], metric: str) -> Scores:

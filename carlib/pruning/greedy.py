@@ -47,18 +47,12 @@ from carlib.pruning.progress import Progress, work_left
 from carlib.pruning.select import Candidate, Pick, choose, random_keys
 from carlib.pruning.state import RunState
 from carlib.pruning.trace import Trace
-from carlib.scoring.cuts import Cuts, random_subset
-from carlib.scoring.engine import (
-    LayerData,
-    ScoringOptions,
-    Tally,
-    TallyMemo,
-    check_mode,
-    example_of,
-    hit_rates,
-    tally,
-)
+from carlib.scoring.counts import Tally, TallyMemo
+from carlib.scoring.cuts import Cuts, LayerData, random_subset
 from carlib.scoring.evaluate import check_metric, topk_of
+from carlib.scoring.inputs import example_of
+from carlib.scoring.options import ScoringOptions
+from carlib.scoring.tally import check_mode, hit_rates, tally
 
 __all__ = ["Candidate", "GreedyRun", "GreedySettings", "Step", "Trace", "choose", "global_cost",
            "global_prune", "greedy_prune"]
@@ -440,10 +434,10 @@ def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
     step and resumed from there. `progress`: a bar when stderr is a terminal, else a line per
     step with elapsed time and ETA (at most one every `log_every` seconds) to the
     `carlib.pruning.greedy` logger (stderr where logging is not configured); False: neither. `mode`:
-    the CAR scoring engine's mode (`carlib.scoring.engine`; "naive" is the slow reference). `memo`:
-    a `carlib.scoring.engine.TallyMemo` shared by runs on the same model and `data`, so the pruned
+    the CAR scoring engine's mode (`carlib.scoring.tally`; "naive" is the slow reference). `memo`:
+    a `carlib.scoring.counts.TallyMemo` shared by runs on the same model and `data`, so the pruned
     networks they share are counted once (same results, less work). `options`: the engine's
-    pass sizes, cache placement and precision (`carlib.scoring.engine.ScoringOptions`; None: the
+    pass sizes, cache placement and precision (`carlib.scoring.options.ScoringOptions`; None: the
     defaults of the model's device).
     """
     settings = GreedySettings([layer], partial(_layer_removals, layer, n_keep), n_keep,

@@ -24,8 +24,8 @@ import psutil
 import torch
 
 from carlib.core.errors import CarlibError
+from carlib.scoring.options import ScoringOptions
 
-PLACEMENTS = ("auto", "device", "host", "recompute")
 DEVICE_FRACTION = 0.5  # default device budget: this share of the memory free when planning
 HOST_FRACTION = 0.5  # default host budget (CUDA models): this share of the available RAM
 
@@ -95,13 +95,13 @@ class CachePlan:
     host_budget: int | None = None
 
 
-def plan(per_image: int, images: int | None, batch: int, max_bytes: int, placement: str,
-         device: torch.device, device_budget: int | None, host_budget: int | None,
-         where: str = "the scoring set") -> CachePlan:
-    """Place a cache of `images` x `per_image` bytes (see the module docstring). Budgets of
-    None are the defaults (`default_budgets`), read only when `placement` is "auto"."""
-    if placement not in PLACEMENTS:
-        raise CarlibError(f"unknown cache placement '{placement}'; valid: {', '.join(PLACEMENTS)}")
+def plan(per_image: int, images: int | None, batch: int, options: ScoringOptions,
+         device: torch.device, where: str = "the scoring set") -> CachePlan:
+    """Place a cache of `images` x `per_image` bytes (see the module docstring) as `options`
+    say (placement, budgets, pass size). Budgets of None are the defaults (`default_budgets`),
+    read only when the placement is "auto"."""
+    placement, max_bytes = options.placement, options.max_bytes
+    device_budget, host_budget = options.cache_budget_bytes, options.host_budget_bytes
     total = None if images is None else per_image * images
     if placement != "auto":
         return CachePlan(placement, 0 if placement == "recompute" else total, per_image, images,

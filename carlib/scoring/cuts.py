@@ -1,17 +1,139 @@
-"""The scoring set as the greedy loop reads it: cuts at each layer kept while valid, and a
-seeded random subset (an approximate run's scoring set)."""
+"""Cuts of the network at a layer: `LayerData` (the scoring batches cut at one layer, the
+prefix outputs computed once and cached where `carlib.scoring.cache` plans), `Cuts` (one per
+layer, kept while valid, as the greedy loop reads them), and a seeded random subset of the
+scoring set (an approximate run's scoring set)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 
 import torch
 from torch import fx
 
 from carlib.core.errors import CarlibError
+from carlib.core.module import model_device
 from carlib.network import groups
 from carlib.network.graph import MaskedNet
-from carlib.scoring.engine import LayerData, ScoringOptions, TallyMemo
+from carlib.scoring import cache
+from carlib.scoring.cache import CachePlan
+from carlib.scoring.counts import TallyMemo
+from carlib.scoring.engine import Engine
+from carlib.scoring.inputs import checked
+from carlib.scoring.options import ScoringOptions
+
+
+class LayerData:
+    """Batches cut at `layer`: (prefix outputs, targets), computed once per scoring batch.
+
+    Where the prefix outputs are kept is planned from the first batch (`plan`, `placement`;
+    see `carlib.scoring.cache`); `cache=False` recomputes them on every read. A cache stays valid
+    while only this layer's mask changes (the prefix does not read it). The data is checked
+    as it is first read (`checked`; `what` names it in errors). `options` (default:
+    `ScoringOptions.for_device` of the model's device) also set the tallies' defaults.
+    """
+
+    def __init__(self, net: MaskedNet, layer: str, data: Iterable, cache: bool = True,
+                 what: str = "scoring set", options: ScoringOptions | None = None) -> None:
+        self.net, self.layer = net, layer
+        self.prefix, self.suffix = net.split(layer)
+        self.data, self.cache, self.what = data, cache, what
+        self.device = model_device(net)
+        self.options = options if options is not None else ScoringOptions.for_device(self.device)
+        self._batches: list[tuple[tuple, torch.Tensor]] | None = None
+        self._plan: CachePlan | None = None
+        self.cached_bytes = 0  # bytes the cache holds, once filled
+        self._engine: Engine | None = None
+        self.fallback: str | None = None  # why the fast path is not used, once known
+        self.item_bytes: int | None = None  # peak suffix activation bytes per image, x3
+        self.memo: TallyMemo | None = None  # tallies shared with other runs (see TallyMemo)
+
+    @property
+    def placement(self) -> str:
+        """Where the prefix outputs are kept: device, host or recompute (`plan`)."""
+        return self.plan().placement
+
+    def plan(self) -> CachePlan:
+        """The cache plan (placement and bytes), made from the first batch, read now if the
+        cut has not been read yet (all of a one-shot iterator, which is then cached)."""
+        if self._plan is None:
+            if iter(self.data) is self.data:
+                for _ in self:
+                    pass
+            else:
+                x, y = next(checked(self.net, self.data, self.what))
+                self._plan = self._make_plan(x, y)
+        return self._plan
+
+    @torch.no_grad()
+    def _make_plan(self, x: torch.Tensor, y: torch.Tensor) -> CachePlan:
+        """Place the cache from one probe image's prefix outputs (`carlib.scoring.cache.plan`)."""
+        per_image = cache.nbytes(self.prefix(x[:1].clone())) + y[:1].nbytes
+        opts = self.options if self.cache else replace(self.options, placement="recompute")
+        images = cache.count_images(self.data) if self.cache else None
+        return cache.plan(per_image, images, len(y), opts, self.device,
+                          f"the {self.what} cut at {self.layer}")
+
+    @property
+    def filled(self) -> bool:
+        """Whether the prefix outputs are cached (iterating needs no prefix pass)."""
+        return self._batches is not None
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[tuple[tuple, torch.Tensor]]:
+        if self._batches is not None:
+            for outs, y in self._batches:
+                yield (tuple(cache.fetch(t, self.device) for t in outs),
+                       cache.fetch(y, self.device))
+            return
+        batches = []
+        for x, y in checked(self.net, self.data, self.what):
+            if self._plan is None:
+                self._plan = self._make_plan(x, y)
+            item = (tuple(self.prefix(x)), y)
+            where = self._plan.placement
+            if where != "recompute":
+                batches.append((tuple(cache.stow(t, where) for t in item[0]),
+                                cache.stow(y, where)))
+            yield item
+        if self._plan is not None and self._plan.placement != "recompute":
+            self._batches = batches
+            self.cached_bytes = sum(cache.nbytes((*outs, y)) for outs, y in batches)
+
+    def engine(self, h: torch.Tensor) -> Engine | None:
+        """The fast path's pieces, or None (reason in `fallback`) where they do not apply."""
+        if self._engine is None and self.fallback is None:
+            try:
+                self._engine = Engine(self.net.split_at_consumers(self.layer), h)
+            except CarlibError as e:
+                self.fallback = str(e)
+        return self._engine
+
+    def pass_shape(self, h: torch.Tensor, extras: Sequence[torch.Tensor], chunk: int,
+                   max_bytes: int) -> tuple[int, int]:
+        """(candidates, images) per batched pass so that one pass needs about max_bytes."""
+        if self.item_bytes is None:
+            self.item_bytes = 3 * _peak_bytes(self.suffix, *[t[:1].clone() for t in (h, *extras)])
+        m = max(1, min(chunk, max_bytes // self.item_bytes))
+        return m, max(1, min(len(h), max_bytes // (m * self.item_bytes)))
+
+
+class _Peak(fx.Interpreter):
+    """Runs a GraphModule and records the largest tensor any node produced."""
+
+    peak = 0
+
+    def run_node(self, n: fx.Node) -> object:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.peak = max(self.peak, out.nbytes)
+        return out
+
+
+def _peak_bytes(module: fx.GraphModule, *args: torch.Tensor) -> int:
+    interp = _Peak(module)
+    interp.run(*args)
+    return interp.peak
 
 
 def mask_deps(net: MaskedNet, module: fx.GraphModule) -> list[str]:
