@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -341,6 +342,8 @@ def check_config(cfg: DictConfig) -> None:
     _whole(cfg, "method.min_per_layer", 1, "method.min_per_layer=N", required=False)
     _whole(cfg, "method.scoring.size", 1, "method.scoring.size=N (images in the scoring "
            "subset)")
+    _whole(cfg, "method.scoring.check", 0, "method.scoring.check=K (further images of the "
+           "scoring split that check each step; 0: none)", required=False)
     every = m.get("log_every", 30)
     if isinstance(every, bool) or not isinstance(every, (int, float)) or every < 0:
         raise CarlibError(f"method.log_every={every} is not a number of seconds >= 0; e.g. "
@@ -473,13 +476,41 @@ def scoring_and_heldout(cfg: DictConfig, bundle: DataBundle, out: Outputs, devic
     indices into the loaded training data saved by `out` as scoring_indices.txt) and the
     held-out test split, each decoded once (`images`), their batches on `device`; with
     `spread` (rank, world), this process's batches of each (`images`)."""
-    s = cfg.method.scoring
-    part, positions = bundle.split(scoring_split(cfg))
-    idx = scoring_subset(targets(part), s.size, s.seed)
+    part, positions, idx = _scoring_part(cfg, bundle)
     out.save("scoring_indices.txt", functools.partial(
         save_indices, indices=idx if positions is None else positions[idx]))
     return (images(cfg, take(part, idx), "scoring", device, spread),
             images(cfg, bundle.test, "held-out", device, spread))
+
+
+def _scoring_part(cfg: DictConfig, bundle: DataBundle
+                  ) -> tuple[Dataset, torch.Tensor | None, torch.Tensor]:
+    """The `method.scoring.split` part of the training data, its positions in the loaded
+    training data (None: all of it) and the scoring subset's indices into it."""
+    s = cfg.method.scoring
+    part, positions = bundle.split(scoring_split(cfg))
+    return part, positions, scoring_subset(targets(part), s.size, s.seed)
+
+
+def check_images(cfg: DictConfig, bundle: DataBundle, out: Outputs, device: torch.device,
+                 spread: tuple[int, int] = (0, 1)) -> Images | None:
+    """`method.scoring.check` further images of the scoring set's split, disjoint from it
+    (class-stratified, seeded like it; indices saved as check_indices.txt), decoded once like
+    the scoring set; None where the check is off (0 or unset)."""
+    k = cfg.method.scoring.get("check") or 0
+    if not k:
+        return None
+    part, positions, idx = _scoring_part(cfg, bundle)
+    rest = np.setdiff1d(np.arange(len(part)), idx.numpy())
+    if k > len(rest):
+        raise CarlibError(f"method.scoring.check={k}: only {len(rest)} images of the "
+                          f"{scoring_split(cfg)} split are left after the scoring set; lower it "
+                          "(or method.scoring.size, or raise data.val_size)")
+    chk = torch.from_numpy(rest[scoring_subset(targets(part)[rest], k,
+                                               cfg.method.scoring.seed).numpy()])
+    out.save("check_indices.txt", functools.partial(
+        save_indices, indices=chk if positions is None else positions[chk]))
+    return images(cfg, take(part, chk), "check", device, spread)
 
 
 def images(cfg: DictConfig, dataset: Dataset, what: str, device: torch.device,

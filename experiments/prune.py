@@ -48,6 +48,7 @@ import torch
 from common import (
     Outputs,
     Settings,
+    check_images,
     data_key,
     get_model,
     guard,
@@ -116,16 +117,17 @@ def plan(cfg: DictConfig, model: nn.Module, example: torch.Tensor | None = None
     return out
 
 
-def jobs(cfg: DictConfig, model: nn.Module, scoring: object, example: torch.Tensor | None = None
-         ) -> list[tuple[str, Callable[..., Trace]]]:
-    """(label, run) per greedy run of the configured schedule."""
+def jobs(cfg: DictConfig, model: nn.Module, scoring: object, example: torch.Tensor | None = None,
+         check: object | None = None) -> list[tuple[str, Callable[..., Trace]]]:
+    """(label, run) per greedy run of the configured schedule (`check`: the check images)."""
     m = cfg.method
     if m.schedule == "global":
         layers = list(m.layers)
         return [(f"{'+'.join(layers)} {c}", functools.partial(
             global_prune, model, layers, scoring, m.n_remove, c, keep_fraction=m.keep_fraction,
-            min_per_layer=m.min_per_layer)) for c in m.criteria]
-    return [(f"{layer} {c}", functools.partial(greedy_prune, model, layer, scoring, n_keep, c))
+            min_per_layer=m.min_per_layer, check_data=check)) for c in m.criteria]
+    return [(f"{layer} {c}", functools.partial(greedy_prune, model, layer, scoring, n_keep, c,
+                                               check_data=check))
             for layer, n_keep in plan(cfg, model, example) for c in m.criteria]
 
 
@@ -152,7 +154,14 @@ def run_state(cfg: DictConfig, model: nn.Module, out: Path, shared: bool = False
     return (SharedState if shared else RunState)(where, model=fingerprint(model),
                     scoring=load_indices(out / "scoring_indices.txt").tolist(),
                     split=cfg.method.scoring.split,
-                    data=data_key(cfg))
+                    data=data_key(cfg), **_check_part(cfg, out))
+
+
+def _check_part(cfg: DictConfig, out: Path) -> dict:
+    """Part of the runs' state key: the check images' indices, where the check is on."""
+    if not cfg.method.scoring.get("check"):
+        return {}
+    return {"check": load_indices(out / "check_indices.txt").tolist()}
 
 
 def regime_frame(cfg: DictConfig, traces: list[Trace]) -> pd.DataFrame:
@@ -263,19 +272,22 @@ def record(cfg: DictConfig, out: Outputs, frames: list[pd.DataFrame], label: str
 
 
 def set_up(cfg: DictConfig, s: Settings, out: Outputs, split: bool
-           ) -> tuple[DataBundle, Images, Images, nn.Module, torch.Tensor | None]:
-    """(data, scoring images, held-out images, model, one example input): `split`, this rank's
-    batches of the images; the model trained or loaded (rank 0 first where it trains);
-    `method.layers=[all]` made every unit of it."""
+           ) -> tuple[DataBundle, tuple[Images, Images, Images | None], nn.Module,
+                      torch.Tensor | None]:
+    """(data, (scoring, held-out, check images or None), model, one example input): `split`,
+    this rank's batches of the images; the model trained or loaded (rank 0 first where it
+    trains); `method.layers=[all]` made every unit of it."""
     bundle = rank0_first(bool(cfg.data.get("download")), lambda: load_data(cfg))
-    scoring, heldout = rank0_first(  # split: each rank decodes its own batches, at once
-        not in_memory(bundle.test) and not split, lambda: scoring_and_heldout(
-            cfg, bundle, out, s.device, spread=(s.rank, s.world) if split else (0, 1)))
+    spread = (s.rank, s.world) if split else (0, 1)
+    scoring, heldout, check = rank0_first(  # split: each rank decodes its own batches, at once
+        not in_memory(bundle.test) and not split, lambda: (
+            *scoring_and_heldout(cfg, bundle, out, s.device, spread=spread),
+            check_images(cfg, bundle, out, s.device, spread=spread)))
     example = example_of(heldout)  # one decoded image: traces the model's units
     model = rank0_first(bool(broadcast(must_train(cfg, bundle, s.device))), lambda: get_model(
         cfg, bundle, s.device, check=lambda m: plan(cfg, m, example)))
     resolve_layers(cfg, model, example)  # method.layers=[all]: every unit
-    return bundle, scoring, heldout, model, example
+    return bundle, (scoring, heldout, check), model, example
 
 
 def greedy(cfg: DictConfig, s: Settings, job: Callable[..., Trace], state: RunState | None,
@@ -350,10 +362,10 @@ def prune(cfg: DictConfig, s: Settings) -> None:
     if s.world > 1:
         how = "scoring and held-out batches split" if split else "greedy runs divided"
         out.say(f"{s.world} processes: {how} over them; results in {out.folder}")
-    bundle, scoring, heldout, model, example = set_up(cfg, s, out, split)
+    bundle, (scoring, heldout, check), model, example = set_up(cfg, s, out, split)
     barrier()  # scoring_indices.txt is written: the runs' state key reads it
     state = run_state(cfg, model, out.folder, shared=split)
-    todo = jobs(cfg, model, scoring, example)
+    todo = jobs(cfg, model, scoring, example, check)
     frames: list[pd.DataFrame] = []
     if s.world > 1 and not split:  # whole runs per rank, gathered on rank 0
         traces, classes = divided(cfg, s, todo, model, (bundle, scoring, heldout, example),

@@ -227,3 +227,30 @@ def test_example_plugin_of_the_readme(tmp_path):
     (ckpt,) = (tmp_path / "cache" / "checkpoints").glob("*.pt")
     weight = load_checkpoint(ckpt)[0].conv1.weight.detach().flatten(1).abs().amax(1)
     assert removed == torch.argsort(weight, stable=True)[:len(removed)].tolist()
+
+
+def test_check_images_are_disjoint_from_the_scoring_set(tmp_path):
+    """method.scoring.check=K: K further images of the scoring split (val), none of them a
+    scoring image; every removal row carries its check columns, regime.csv their shares."""
+    res = run(tmp_path, *TINY, "method.scoring.check=30", "method.criteria=[car,l1]",
+              "method.layers=[conv2]", "method.rank_agreement=false", "method.per_class=false")
+    assert res.returncode == 0, res.stderr[-2000:]
+    folder = tmp_path / "run"
+    scoring = set(map(int, (folder / "scoring_indices.txt").read_text().split()))
+    check = list(map(int, (folder / "check_indices.txt").read_text().split()))
+    assert len(check) == len(set(check)) == 30 and not scoring & set(check)
+    curves = pd.read_csv(folder / "curves.csv")
+    rows = curves[curves.step > 0]
+    assert rows.check_same.notna().all() and (rows.check_regret >= 0).all()
+    regime = pd.read_csv(folder / "regime.csv")
+    for _, r in regime.iterrows():
+        mine = rows[rows.criterion == r.criterion]
+        assert r.check_same == pytest.approx(mine.check_same.astype(float).mean())
+        assert r.check_regret == pytest.approx(mine.check_regret.mean())
+
+
+def test_check_larger_than_what_is_left_is_one_line(tmp_path):
+    res = run(tmp_path, *TINY, "method.scoring.check=41")  # val_size 100 - scoring 60 = 40
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "method.scoring.check=41: only 40 images" in lines[0]

@@ -37,14 +37,14 @@ def test_stop_finish_and_resume_between_steps(tmp_path):
     want = greedy_prune(model, "conv2", data, 1, "car", k=2, progress=False)
     state, key = RunState(tmp_path), {"run": "conv2"}
     layer = GreedySettings(["conv2"], 5, 1, k=2, progress=False)
-    run = GreedyRun(model, "car", data, layer, state=state, key=key)
+    run = GreedyRun(model, "car", data, layer, state=state.slot(**key))
     for step in run.steps():
         if step.step == 2:
             break
     assert run.trace.steps[-1]["scoring_acc"] is None  # k=2: pending until the next tallies
     run.finish()
     assert run.trace.steps[-1]["scoring_acc"] == want.steps[-2]["scoring_acc"]
-    again = GreedyRun(model, "car", data, layer, state=state, key=key)
+    again = GreedyRun(model, "car", data, layer, state=state.slot(**key))
     assert again.trace.resumed_at == 2
     pd.testing.assert_frame_equal(again.run().to_frame(), want.to_frame())
 

@@ -110,7 +110,9 @@ def test_registered_criterion_runs_by_name():
 def test_regime_counts_ties_and_scoring_top1():
     model, data = Toy([0, 1, 2, 3], [3.0, 1.0, 2.0, 1.0]), groups([2, 2, 2, 2], 4)
     t = greedy_prune(model, "conv1", data, 1, progress=False)
-    assert t.regime() == {"scoring_top1": 1.0, "removals": 3, "tied": 3, "decided": 0.0}
+    # every removal tied: margin 0 over the runner-up, so none resolved
+    assert t.regime() == {"scoring_top1": 1.0, "removals": 3, "tied": 3, "decided": 0.0,
+                          "resolved": 0.0}
     distinct = greedy_prune(Toy([0, 1, 2, 3], [1, 1, 1, 1]), "conv1", groups([3, 1, 4, 2], 4),
                             1, progress=False)
     assert distinct.regime()["decided"] == 1.0

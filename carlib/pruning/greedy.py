@@ -40,19 +40,19 @@ from carlib.core.module import eval_mode
 from carlib.core.precision import float32_exact
 from carlib.core.stats import METHODS, car_interval
 from carlib.network.graph import MaskedNet
-from carlib.pruning import budget
+from carlib.pruning import budget, confidence
 from carlib.pruning.cost import global_cost
 from carlib.pruning.criteria import Criterion, get_criterion, taylor
 from carlib.pruning.progress import Progress, work_left
 from carlib.pruning.select import Candidate, Pick, choose, random_keys
-from carlib.pruning.state import RunState
+from carlib.pruning.state import RunState, Slot
 from carlib.pruning.trace import Trace
 from carlib.scoring.counts import Tally, TallyMemo
 from carlib.scoring.cuts import Cuts, LayerData, random_subset
 from carlib.scoring.evaluate import check_metric, topk_of
 from carlib.scoring.inputs import example_of
 from carlib.scoring.options import ScoringOptions
-from carlib.scoring.tally import check_mode, hit_rates, tally
+from carlib.scoring.tally import check_mode, hit_rates, image_outcomes, tally
 
 __all__ = ["Candidate", "GreedyRun", "GreedySettings", "Step", "Trace", "choose", "global_cost",
            "global_prune", "greedy_prune"]
@@ -112,8 +112,11 @@ class GreedyRun:
 
     Construction checks the settings and sets up once: the criterion, the masked net (traced
     on one example of `data`), the cuts of the scoring set (and of `eval_data`, whose top-1 is
-    recorded after every step), and the trace resumed from `state` under `key` if saved.
-    `steps()` then runs the loop; `run()` runs it to the end.
+    recorded after every step; of `check_data`, on which every step's candidates are also
+    tallied: `carlib.pruning.confidence`), and the trace resumed from `state` (a
+    `RunState.slot`) if saved. `steps()` then runs the loop; `run()` runs it to the end.
+    Every row records the step's runner-up and the pick's margin over it on the scoring
+    images (`carlib.pruning.confidence`).
 
     Scoring accuracy (top-k hits of the run's metric, loss: top-1) comes without a pass of its
     own where a tally counted it: the chosen filter's count (one removal per step), else the
@@ -124,11 +127,11 @@ class GreedyRun:
 
     def __init__(self, model: nn.Module, criterion: str | Criterion, data: Iterable,
                  settings: GreedySettings, *, eval_data: Iterable | None = None,
-                 memo: TallyMemo | None = None, state: RunState | None = None,
-                 key: dict | None = None) -> None:
+                 check_data: Iterable | None = None, memo: TallyMemo | None = None,
+                 state: Slot | None = None) -> None:
         s = self.settings = settings
         _check(s)
-        self.model, self.layers, self.state, self.key = model, s.layers, state, key or {}
+        self.model, self.layers, self.state = model, s.layers, state
         if memo is not None:
             memo.check(model, data)
         if memo is not None and s.subset:
@@ -140,12 +143,12 @@ class GreedyRun:
         self.trace = Trace("+".join(s.layers) if network_wide else s.layers[0], name, s.metric,
                            s.seed, 0, schedule=s.schedule, layers=s.layers)
         with eval_mode(model), torch.no_grad():
-            self._setup(data, eval_data, memo)
+            self._setup(data, eval_data, check_data, memo)
         # scores reused while what they depend on is unchanged (Criterion.depends)
         self._reuse: dict[str, tuple[list[int], LayerData | None, list[float]]] = {}
 
-    def _setup(self, data: Iterable, eval_data: Iterable | None, memo: TallyMemo | None
-               ) -> None:
+    def _setup(self, data: Iterable, eval_data: Iterable | None, check_data: Iterable | None,
+               memo: TallyMemo | None) -> None:
         """The masked net, the run's size, the saved trace and the cuts; replays its removals."""
         s = self.settings
         self.net = MaskedNet(self.model, example_of(data))
@@ -156,7 +159,7 @@ class GreedyRun:
         if s.subset:
             data = random_subset(data, s.subset, s.seed)
         self.trace.num_filters = sum(self.sizes)
-        saved = self.state.load(**self.key) if self.state is not None else None
+        saved = self.state.load() if self.state is not None else None
         if saved is not None:
             self.trace = Trace.from_state(saved)
         scored_in = self.criterion.run_metric(s.metric)  # the criterion's own ("loss" for loss)
@@ -164,6 +167,8 @@ class GreedyRun:
         self.cuts = Cuts(self.net, data, memo, options=s.options)
         self.held = (Cuts(self.net, eval_data, what="held-out set (eval_data)",
                           options=s.options) if eval_data is not None else None)
+        self.check = (Cuts(self.net, check_data, what="check set (check_data)",
+                           options=s.options) if check_data is not None else None)
         for name, f in zip(self.trace.removed_layers, self.trace.removed):
             self.net.remove(name, [f])
 
@@ -219,11 +224,12 @@ class GreedyRun:
         self._fill(fresh)  # the previous step's scoring accuracy: the network these tallies scored
         step = self.trace.steps[-1]["step"] + 1
         picks = self._choose(cands, tallies, step)
+        sure = self._confidence(cands, picks, tallies, step)  # before the picks are removed
         for c, _, _ in picks:
             self.net.remove(c.layer, [c.filter])
             self.trace.removed.append(c.filter)
             self.trace.removed_layers.append(c.layer)
-        rows = self._record(step, picks, tallies, self._accuracy(picks, tallies, fresh))
+        rows = self._record(step, picks, tallies, self._accuracy(picks, tallies, fresh), sure)
         self._save()
         self._report(step, picks, fresh)
         return Step(step, picks, rows, cands)
@@ -274,16 +280,53 @@ class GreedyRun:
         importance, _ = taylor(self.net, name, cut, kept, self.settings.metric)
         return sorted(kept[i] for i in importance.argsort(stable=True)[:m].tolist())
 
+    def _room(self) -> dict[str, int]:
+        """How many filters each layer can still lose."""
+        return {name: len(self.net.kept(name)) - self.min_keep[name] for name in self.layers}
+
     def _choose(self, cands: list[Candidate], tallies: dict[str, Tally | None], step: int
                 ) -> list[Pick]:
         """The step's removals (`carlib.pruning.select.choose`)."""
-        room = {name: len(self.net.kept(name)) - self.min_keep[name] for name in self.layers}
         picks = choose(cands, min(self.settings.k, self.n_remove - len(self.trace.removed)),
-                       room, partial(self._tie_keys, tallies, step), self.layers,
+                       self._room(), partial(self._tie_keys, tallies, step), self.layers,
                        self.criterion.tie_break)
         if not picks:  # unreachable when n_remove was checked against the per-layer minimums
             raise CarlibError(f"no filter of {self.trace.layer} can be removed any more")
         return picks
+
+    def _confidence(self, cands: list[Candidate], picks: list[Pick],
+                    tallies: dict[str, Tally | None], step: int) -> list[dict]:
+        """Per pick: the runner-up, the margin over it on the scoring images, and with check
+        data the check columns (`carlib.pruning.confidence`); the network before the step."""
+        ru = confidence.runner_up(cands, picks, self._room(), partial(self._tie_keys, tallies,
+                                  step), self.layers, self.criterion.tie_break)
+        network_wide = self.trace.schedule == "global"
+        rows = [confidence.columns(network_wide, self.check is not None) for _ in picks]
+        if ru is not None:
+            metric = self.criterion.run_metric(self.settings.metric)
+            other = self._outcomes(ru, metric)
+            for row, (c, _, _) in zip(rows, picks):
+                m, lo, hi = confidence.margin(self._outcomes(c, metric), other, metric,
+                                              self.settings.interval, self.trace.seed)
+                row.update(runner_up=ru.filter, margin=m, margin_lo=lo, margin_hi=hi)
+                if network_wide:
+                    row["runner_up_layer"] = ru.layer
+        if self.check is not None:
+            for row, extra in zip(rows, confidence.check(picks, self._check_costs(cands))):
+                row.update(extra)
+        return rows
+
+    def _outcomes(self, c: Candidate, metric: str) -> torch.Tensor:
+        """Per-image outcomes on the scoring images with candidate `c` removed."""
+        return image_outcomes(self.cuts.get(c.layer), [c.filter], metric)[0]
+
+    def _check_costs(self, cands: list[Candidate]) -> dict[tuple[str, int], float]:
+        """Every candidate's cost on the check images, in the run's metric."""
+        metric = self.settings.metric
+        tallies = {name: tally(self.check.get(name), [c.filter for c in cands if c.layer == name],
+                               metric, mode=self.settings.mode)
+                   for name in dict.fromkeys(c.layer for c in cands)}
+        return confidence.tally_costs(tallies, metric)
 
     def _tie_keys(self, tallies: dict[str, Tally | None], step: int, group: list[Candidate]
                   ) -> list[float]:
@@ -332,8 +375,9 @@ class GreedyRun:
         return True
 
     def _record(self, step: int, picks: list[Pick], tallies: dict[str, Tally | None],
-                acc: float | None) -> list[dict]:
-        """Append and return the step's rows; `acc` None: scoring accuracy pending (`_fill`)."""
+                acc: float | None, sure: list[dict] | None = None) -> list[dict]:
+        """Append and return the step's rows; `acc` None: scoring accuracy pending (`_fill`);
+        `sure`: each pick's confidence columns (`_confidence`; step 0 has none)."""
         net, layers, trace = self.net, self.layers, self.trace
         network_wide = trace.schedule == "global"
         scored_in = self.criterion.run_metric(trace.metric)
@@ -341,7 +385,7 @@ class GreedyRun:
         remaining = sum(len(net.kept(n)) for n in layers)
         held = hit_rates(self.held.any([where, *layers]), [1])[1] if self.held else math.nan
         rows = []
-        for c, n_tied, rule in picks or [(None, 0, "")]:
+        for i, (c, n_tied, rule) in enumerate(picks or [(None, 0, "")]):
             row: dict = {"step": step}
             if network_wide:
                 row["layer"] = c.layer if c else None
@@ -353,6 +397,8 @@ class GreedyRun:
                                 trace.seed) if c else (math.nan, math.nan))
             row.update(score=c.score if c else math.nan, score_lo=lo, score_hi=hi,
                        tie_size=n_tied, tie_break=rule, scoring_acc=acc, heldout_top1=held)
+            row.update(sure[i] if sure else confidence.columns(network_wide,
+                                                               self.check is not None))
             rows.append(row)
         trace.steps.extend(rows)
         return rows
@@ -360,7 +406,7 @@ class GreedyRun:
     def _save(self) -> None:
         """Save the trace under the run's key (with a `RunState`)."""
         if self.state is not None:
-            self.state.save(self.trace.to_state(), **self.key)
+            self.state.save(self.trace.to_state())
 
     def _report(self, step: int, picks: list[Pick], fresh: list[Tally]) -> None:
         """Progress after a step: its work (candidates and bases tallied) and the work left."""
@@ -423,7 +469,8 @@ def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
                  eval_data: Iterable | None = None, seed: int = 0, k: int = 1,
                  interval: str = "exact", progress: bool = True, log_every: float = 30.0,
                  state: RunState | None = None, mode: str = "fast",
-                 memo: TallyMemo | None = None, options: ScoringOptions | None = None) -> Trace:
+                 memo: TallyMemo | None = None, options: ScoringOptions | None = None,
+                 check_data: Iterable | None = None) -> Trace:
     """Prune conv `layer` greedily down to `n_keep` filters, `k` per step; model unchanged.
 
     `data` is the scoring set ((inputs, targets) batches); `eval_data`, if given, is the held-out
@@ -438,7 +485,9 @@ def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
     a `carlib.scoring.counts.TallyMemo` shared by runs on the same model and `data`, so the pruned
     networks they share are counted once (same results, less work). `options`: the engine's
     pass sizes, cache placement and precision (`carlib.scoring.options.ScoringOptions`; None: the
-    defaults of the model's device).
+    defaults of the model's device). `check_data`: further images of the scoring set's split,
+    disjoint from it, on which every step's candidates are also tallied (the rows'
+    `check_same`, `check_regret`: `carlib.pruning.confidence`).
     """
     settings = GreedySettings([layer], partial(_layer_removals, layer, n_keep), n_keep,
                               metric=metric, seed=seed, k=k, interval=interval, mode=mode,
@@ -446,8 +495,11 @@ def greedy_prune(model: nn.Module, layer: str, data: Iterable, n_keep: int,
     key = {"schedule": "layerwise", "layer": layer,
            "criterion": getattr(criterion, "name", criterion), "metric": metric, "seed": seed,
            "n_keep": n_keep, "k": k, "interval": interval, **_precision_part(options)}
-    return GreedyRun(model, criterion, data, settings, eval_data=eval_data, memo=memo,
-                     state=state, key=key).run()
+    if check_data is not None:
+        key["check"] = True
+    return GreedyRun(model, criterion, data, settings, eval_data=eval_data,
+                     check_data=check_data, memo=memo,
+                     state=state.slot(**key) if state is not None else None).run()
 
 
 @float32_exact()
@@ -457,7 +509,8 @@ def global_prune(model: nn.Module, layers: Sequence[str], data: Iterable,
                  metric: str = "top1", eval_data: Iterable | None = None, seed: int = 0,
                  interval: str = "exact", progress: bool = True, log_every: float = 30.0,
                  state: RunState | None = None, mode: str = "fast",
-                 memo: TallyMemo | None = None, options: ScoringOptions | None = None) -> Trace:
+                 memo: TallyMemo | None = None, options: ScoringOptions | None = None,
+                 check_data: Iterable | None = None) -> Trace:
     """Network-wide greedy pruning of `layers` together (see the module docstring).
 
     Removes `n_remove` filters, or, if None, down to round(keep_fraction x all their filters);
@@ -477,5 +530,8 @@ def global_prune(model: nn.Module, layers: Sequence[str], data: Iterable,
            "n_remove": n_remove, "keep_fraction": keep_fraction,
            "min_per_layer": min_per_layer, "k": k, "interval": interval,
            **_precision_part(options)}
-    return GreedyRun(model, criterion, data, settings, eval_data=eval_data, memo=memo,
-                     state=state, key=key).run()
+    if check_data is not None:
+        key["check"] = True
+    return GreedyRun(model, criterion, data, settings, eval_data=eval_data,
+                     check_data=check_data, memo=memo,
+                     state=state.slot(**key) if state is not None else None).run()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,6 +81,25 @@ class RunState:
         payload = {"key": self.key(**parts), "parts": parts, "state": state}
         return atomic_write_text(self.path(**parts), json.dumps(payload, default=str),
                                  hint="choose a writable hydra.run.dir / method.state_dir")
+
+
+    def slot(self, **parts: object) -> Slot:
+        """One run's place among these states: its state loaded and saved under `parts`."""
+        return Slot(self, parts)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A run's saved state: `RunState` files under one key (`RunState.slot`)."""
+
+    states: RunState
+    parts: dict
+
+    def load(self) -> dict | None:
+        return self.states.load(**self.parts)
+
+    def save(self, state: dict) -> Path:
+        return self.states.save(state, **self.parts)
 
 
 class StaleStateWarning(UserWarning):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from carlib.network.graph import MaskedNet
+from carlib.pruning.confidence import resolved
 
 
 @dataclass
@@ -50,18 +51,28 @@ class Trace:
         df.insert(2, "seed", self.seed)
         if self.schedule == "global":  # the run's unit: every listed layer, in order
             df.insert(1, "layers", "+".join(self.layers))
-        for col in ("removed_filter", "layer_remaining"):
+        for col in ("removed_filter", "layer_remaining", "runner_up"):
             if col in df:
                 df[col] = df[col].astype("Int64")
         return df
 
     def regime(self) -> dict:
-        """Whether the run is in CAR's regime: the full network's scoring top-1, and how many
-        removals the score decided alone (`decided`: the share without a tie to break)."""
+        """Whether the run is in CAR's regime: the full network's scoring top-1, how many
+        removals the score decided alone (`decided`: the share without a tie to break), and
+        the share of removals whose margin over the runner-up is resolved (`resolved`: its
+        95% interval excludes 0, of the removals that had a runner-up;
+        `carlib.pruning.confidence`). With check data: the share of removals that are also
+        the best on the check images (`check_same`) and their mean regret there."""
         rows = [r for r in self.steps if r["step"] > 0]
         tied = sum(1 for r in rows if r["tie_break"])
-        return {"scoring_top1": self.scoring_top1, "removals": len(rows), "tied": tied,
-                "decided": 1 - tied / len(rows) if rows else math.nan}
+        out = {"scoring_top1": self.scoring_top1, "removals": len(rows), "tied": tied,
+               "decided": 1 - tied / len(rows) if rows else math.nan,
+               "resolved": _mean([resolved(r.get("margin_lo", math.nan),
+                                           r.get("margin_hi", math.nan)) for r in rows])}
+        if any("check_same" in r for r in rows):
+            out["check_same"] = _mean([r["check_same"] for r in rows])
+            out["check_regret"] = _mean([r["check_regret"] for r in rows])
+        return out
 
     def pruned(self, model: nn.Module, example_input: torch.Tensor | None = None) -> MaskedNet:
         """A masked view of `model` (sharing its weights) with this trace's filters removed;
@@ -81,3 +92,10 @@ class Trace:
         trace = cls(**state)
         trace.resumed_at = len({row["step"] for row in trace.steps}) - 1
         return trace
+
+
+def _mean(values: list) -> float:
+    """The mean of the values that are not missing (None or NaN); NaN where none is there."""
+    kept = [float(v) for v in values if v is not None and not (isinstance(v, float)
+                                                               and math.isnan(v))]
+    return sum(kept) / len(kept) if kept else math.nan

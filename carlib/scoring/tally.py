@@ -27,7 +27,7 @@ from carlib.network.graph import MaskedNet
 from carlib.scoring.counts import Counts, Tally, TallyMemo
 from carlib.scoring.cuts import LayerData
 from carlib.scoring.engine import Engine, error_probe, unsure, zeroed_suffix
-from carlib.scoring.evaluate import check_metric, hits, topk_of
+from carlib.scoring.evaluate import check_metric, hits, losses, topk_of
 from carlib.scoring.inputs import checked
 from carlib.scoring.options import ScoringOptions, check_choice, precision_math
 
@@ -167,3 +167,23 @@ def hit_rates(cut: LayerData, ks: Iterable[int]) -> dict[int, float]:
         c += torch.stack([hits(out, y, k).sum() for k in ks]).cpu()
     n, c = shards.counts(cut.data, [torch.tensor(n), c])
     return {k: int(v) / int(n) for k, v in zip(ks, c)}
+
+
+@torch.no_grad()
+def image_outcomes(cut: LayerData, candidates: Sequence[int], metric: str = "top1"
+                   ) -> torch.Tensor:
+    """Per-image outcome of the masked network with each candidate filter removed in turn:
+    (len(candidates), n) on the CPU, images in the data's order (all processes' where it is
+    split, `carlib.dist.shards`): the top-k hit as 0/1 (top1, top5) or the cross-entropy
+    (loss), float64. One plain suffix pass per batch over the cut's (cached) prefix outputs,
+    the channel zeroed as in the "plain" mode, so its sums are the tally's counts."""
+    check_metric(metric)
+    parts = []
+    for (h, *extras), y in cut:
+        b = len(y)
+        cs = torch.as_tensor(list(candidates), device=h.device)
+        rows = torch.arange(b, device=h.device).repeat(len(cs))
+        out = zeroed_suffix(cut, h, extras, rows, cs.repeat_interleave(b)).view(len(cs), b, -1)
+        v = losses(out, y) if metric == "loss" else hits(out, y, topk_of(metric)).double()
+        parts.append(v.cpu())
+    return torch.cat(shards.in_order(cut.data, parts), dim=1)
