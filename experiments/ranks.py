@@ -91,10 +91,11 @@ def slurm_tasks() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def device_of(name: str | None) -> torch.device:
-    """The torch device a config's `device` names (None: cpu): cpu, cuda, cuda:N, or auto
-    (cuda when torch sees a GPU, else cpu); a one-line error for one torch does not see."""
-    name = str(name or "cpu")
+def device(cfg: DictConfig) -> torch.device:
+    """The torch device the config's `device` names (missing or null: cpu): cpu, cuda, cuda:N,
+    or auto (cuda when torch sees a GPU, else cpu); a one-line error for one torch does not
+    see. Read once per run, by `place`."""
+    name = str(cfg.get("device") or "cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
@@ -105,12 +106,12 @@ def device_of(name: str | None) -> torch.device:
 
 
 def place(cfg: DictConfig) -> torch.device:
-    """This process's device, from `cfg.device` (`device_of`), decided once per run. One GPU
+    """This process's device, from `cfg.device` (`device`), decided once per run. One GPU
     per process: where it is cuda (or auto with a GPU), make it cuda:N with N the LOCAL_RANK
     under torchrun or SLURM tasks, or the job number modulo the GPU count in a sweep (-m; a
     SLURM job sees its own GPU as cuda:0), torch's current device, and record it in
     `cfg.device`. Elsewhere `cfg.device` is left as it is."""
-    dev = device_of(cfg.get("device"))
+    dev = device(cfg)
     if dev != torch.device("cuda"):  # the CPU, or a GPU named by its index
         return dev
     n = torch.cuda.device_count()
