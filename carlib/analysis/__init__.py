@@ -1,1 +1,1 @@
-"""Analysis of runs: intervals and tests, rank agreement, per-class CAR, color, diversity."""
+"""Analysis of runs: rank agreement, per-class CAR, color selectivity, diversity."""
