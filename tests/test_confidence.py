@@ -140,3 +140,19 @@ def test_check_on_fresh_images_matches_brute_force():
         best = max(acc.values())
         assert row["check_same"] == (acc[row["removed_filter"]] == best)
         assert row["check_regret"] == pytest.approx(best - acc[row["removed_filter"]], abs=1e-12)
+
+
+def test_curve_titles_count_resolved_removals_over_seeds():
+    """regime_notes sums resolved removals over seeds (share x removals), and leaves them out
+    for regime.csv files written before the column existed."""
+    import pandas as pd
+
+    from carlib.viz.plotting import regime_notes
+
+    rows = pd.DataFrame({"layer": ["conv1"] * 3, "criterion": ["car", "car", "l1"],
+                         "scoring_top1": [0.7, 0.8, 0.75], "removals": [12, 12, 12],
+                         "tied": [1, 0, 0], "resolved": [0.25, 0.5, 1.0]})
+    assert regime_notes(rows)["conv1"] == ("scoring top-1 0.75, car decided 23/24\n"
+                                           "car resolved 9/24 (margin interval excludes 0)")
+    assert regime_notes(rows.drop(columns="resolved"))["conv1"] == (
+        "scoring top-1 0.75, car decided 23/24")

@@ -37,9 +37,10 @@ def _panel_label(name: object) -> str:
 
 
 def regime_notes(regime: pd.DataFrame, reference: str = "car") -> dict:
-    """Per layer (and `condition`, if a column): "scoring top-1 0.63, car decided 22/24", from
-    regime.csv rows (several seeds: mean top-1, decided removals summed); keys are the layer,
-    or (condition, layer) when the frame has a `condition` column."""
+    """Per layer (and `condition`, if a column): "scoring top-1 0.63, car decided 22/24" and,
+    where regime.csv has `resolved` (carlib >= 0.7), a second line "car resolved 3/24 ...",
+    from regime.csv rows (several seeds: mean top-1, removals summed); keys are the layer, or
+    (condition, layer) when the frame has a `condition` column."""
     keys = ["condition", "layer"] if "condition" in regime else ["layer"]
     notes = {}
     for key, g in regime.groupby(keys, sort=False):
@@ -48,6 +49,9 @@ def regime_notes(regime: pd.DataFrame, reference: str = "car") -> dict:
         if len(ref):
             n = int(ref["removals"].sum())
             text += f", {reference} decided {n - int(ref['tied'].sum())}/{n}"
+            if "resolved" in ref and ref["resolved"].notna().all():
+                done = round((ref["resolved"] * ref["removals"]).sum())
+                text += f"\n{reference} resolved {done}/{n} (margin interval excludes 0)"
         notes[key if len(keys) > 1 else key[0]] = text
     return notes
 
