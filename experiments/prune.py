@@ -374,10 +374,16 @@ def prune(cfg: DictConfig, s: Settings) -> None:
             record(cfg, out, frames, label, trace)
     else:  # every run here (split: on this rank's images); curves.csv grows run by run
         traces, classes, memo = [], {}, TallyMemo()  # memo: shared pruned networks count once
+        clock: list[dict] = []
         for label, job in todo:
             trace, seconds = greedy(cfg, s, job, state, memo, heldout)
             traces.append(trace)
             out.say(report(label, record(cfg, out, frames, label, trace), trace, seconds))
+            clock.append({"model": cfg.model.name, "dataset": cfg.data.name,
+                          "layer": trace.layer, "criterion": trace.criterion,
+                          "seed": trace.seed, "seconds": round(seconds, 2),
+                          "resumed_at": trace.resumed_at})
+            out.csv(pd.DataFrame(clock), "timings.csv")
     if s.lead or split:  # split: every rank takes part; rank 0 writes
         analyse(cfg, s, out, model, (bundle, scoring, heldout), traces, frames, classes)
     out.close()

@@ -15,6 +15,9 @@
 #   units      small ResNet, network-wide over every unit (residual streams), seeds 0-2 (~2 h)
 #   compress   retraining and layer compression of the main seed-0 CAR runs   (~5 min)
 #   saturated  the contrast: the old easy task scored on training images       (~8 min)
+#   sizes      scoring-set size: car, car_random_tie, loss, taylor, l1 at SIZES scoring
+#              images, SEEDS; the CAR family and loss also checked on SIZE fresh images for
+#              the CHECKED seeds                        (~40 min per checked seed, ~20 other)
 # Times: threads=1 per job (studies are deterministic for it), measured with two or three
 # studies sharing a 2-core CPU: about 3.5 hours in all. Two shells can run different studies
 # at once (each job writes its own folder; a finished job is skipped on rerun, an
@@ -24,8 +27,10 @@ cd "$(dirname "$0")/.."
 P=.venv/bin/python
 C="threads=1 progress=false logger.mode=disabled"
 S=outputs/study
-SEEDS="0 1 2 3 4"
-ALL="main interpret control fashion lenet resnet units compress saturated"
+SEEDS=${SEEDS:-0 1 2 3 4}  # seeds of the multi-seed studies (e.g. SEEDS="0 2" for one shell)
+SIZES=${SIZES:-250 1000 4000}  # scoring-set sizes of the sizes study (up to 16000)
+CHECKED=${CHECKED:-0 1}    # seeds whose sizes runs also check decisions on fresh images
+ALL="main interpret control fashion lenet resnet units compress saturated sizes"
 
 run() {  # run <dir> <script> [overrides...]: skipped once done; resumes when interrupted
   local dir=$1; shift
@@ -116,13 +121,26 @@ study_compress() {
 study_saturated() {
   run saturated-shapes/seed0 experiments/prune.py experiment=saturated
 }
+study_sizes() {  # per seed and size: the decisions (checked on SIZE fresh images for CHECKED
+  local d=alexnet_small-shapes_hard-sizes k  # seeds) and the cheap criteria, unchecked
+  for s in $SEEDS; do
+    for n in $SIZES; do
+      k=0; case " $CHECKED " in *" $s "*) k=$n ;; esac
+      run $d/seed$s-n$n-decide experiments/prune.py experiment=scoring_size seed=$s \
+          method.scoring.size=$n method.scoring.check=$k method.criteria=[car,car_random_tie,loss]
+      run $d/seed$s-n$n-rest experiments/prune.py experiment=scoring_size seed=$s \
+          method.scoring.size=$n method.criteria=[taylor,l1]
+    done
+  done
+}
 
 declare -A FOLDER=([main]=alexnet_small-shapes_hard [interpret]=alexnet_small-shapes_hard
                    [control]=alexnet_small-shapes_hard_colorlabel
                    [fashion]=alexnet_small-fashion_mnist [lenet]=lenet5-fashion_mnist
                    [resnet]=resnet_small-shapes_hard-global
                    [units]=resnet_small-shapes_hard-units
-                   [compress]=alexnet_small-shapes_hard [saturated]=saturated-shapes)
+                   [compress]=alexnet_small-shapes_hard [saturated]=saturated-shapes
+                   [sizes]=alexnet_small-shapes_hard-sizes)
 main() {
   for study in ${@:-$ALL}; do
     [ -n "${FOLDER[$study]:-}" ] || { echo "unknown study '$study'; valid: $ALL" >&2; exit 2; }

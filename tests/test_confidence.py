@@ -156,3 +156,44 @@ def test_curve_titles_count_resolved_removals_over_seeds():
                                            "car resolved 9/24 (margin interval excludes 0)")
     assert regime_notes(rows.drop(columns="resolved"))["conv1"] == (
         "scoring top-1 0.75, car decided 23/24")
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("criterion", ["car", "loss"])
+def test_check_rho_is_the_spearman_of_scores_on_both_image_sets(criterion):
+    """check_rho against brute force: every candidate's CAR (loss: loss increase) from full
+    forward passes on the scoring and on the fresh images, ranked by scipy."""
+    model, data = small_case()
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40, 3, 8, 8, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (40,), generator=g)
+    fresh = [(x[:25], y[:25]), (x[25:], y[25:])]
+    metric = "loss" if criterion == "loss" else "top1"
+    trace = greedy_prune(model, "conv2", data, 2, criterion, progress=False, check_data=fresh)
+    checked = 0
+    for prior, row in steps_of(trace):
+        kept = [f for f in range(model.conv2.out_channels) if ("conv2", f) not in prior]
+
+        def cost(images, f, prior=prior):
+            before = outcomes(model, images, prior, metric).mean()
+            after = outcomes(model, images, [*prior, ("conv2", f)], metric).mean()
+            return after - before if metric == "loss" else before - after
+
+        a = [cost(data, f) for f in kept]
+        b = [cost(fresh, f) for f in kept]
+        if np.ptp(a) == 0 or np.ptp(b) == 0:
+            assert math.isnan(row["check_rho"])
+            continue
+        assert row["check_rho"] == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-9)
+        checked += 1
+    assert checked > 0
+    assert trace.regime()["check_rho"] == pytest.approx(
+        np.nanmean([r["check_rho"] for _, r in steps_of(trace)]))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_check_rho_is_undefined_for_criteria_that_read_no_images():
+    model, data = small_case()
+    trace = greedy_prune(model, "conv2", data, 2, "l1", progress=False, check_data=data)
+    assert all(math.isnan(r["check_rho"]) for _, r in steps_of(trace))
+    assert math.isnan(trace.regime()["check_rho"])

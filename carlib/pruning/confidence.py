@@ -20,6 +20,11 @@ pick is also among the k best there (k = the step's picks; ties count as best) a
 `check_regret` how much more it costs there than the k-th best (accuracy fraction, or loss),
 0 when it is among them. The check uses the run's metric for every criterion, so criteria are
 compared on one yardstick: the accuracy their removals cost on images they did not score.
+`check_rho` is the criterion's reliability: the Spearman correlation between the step's
+candidate scores on the scoring images and the same criterion's scores on the check images
+(test-retest on two disjoint image sets; NaN for criteria that read no images, such as the
+weight norms and random, and where fewer than 3 candidates or constant scores leave it
+undefined).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
+from scipy import stats
 
 from carlib.core.stats import mean_interval, paired_difference
 from carlib.pruning.select import Candidate, Pick, choose
@@ -37,13 +44,13 @@ from carlib.scoring.counts import Tally
 def columns(network_wide: bool, checked: bool) -> dict:
     """A row's confidence columns, empty (step 0, or a step without a runner-up), in order:
     runner_up, runner_up_layer (network-wide), margin, margin_lo, margin_hi, and check_same,
-    check_regret (with check data)."""
+    check_regret, check_rho (with check data)."""
     row: dict = {"runner_up": None}
     if network_wide:
         row["runner_up_layer"] = None
     row.update(margin=math.nan, margin_lo=math.nan, margin_hi=math.nan)
     if checked:
-        row.update(check_same=None, check_regret=math.nan)
+        row.update(check_same=None, check_regret=math.nan, check_rho=math.nan)
     return row
 
 
@@ -88,6 +95,15 @@ def check(picks: Sequence[Pick], costs: dict[tuple[str, int], float]) -> list[di
         cost = costs[(c.layer, c.filter)]
         rows.append({"check_same": bool(cost <= kth), "check_regret": max(0.0, cost - kth)})
     return rows
+
+
+def reliability(scoring: Sequence[float], check: Sequence[float]) -> float:
+    """Spearman correlation of the candidates' scores on the scoring and the check images (NaN
+    with fewer than 3 candidates or where either set of scores is constant)."""
+    a, b = np.asarray(scoring, dtype=float), np.asarray(check, dtype=float)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(stats.spearmanr(a, b).statistic)
 
 
 def tally_costs(tallies: dict[str, Tally], metric: str) -> dict[tuple[str, int], float]:

@@ -312,21 +312,36 @@ class GreedyRun:
                 if network_wide:
                     row["runner_up_layer"] = ru.layer
         if self.check is not None:
-            for row, extra in zip(rows, confidence.check(picks, self._check_costs(cands))):
-                row.update(extra)
+            costs, rho = self._on_check(cands)
+            for row, extra in zip(rows, confidence.check(picks, costs)):
+                row.update(extra, check_rho=rho)
         return rows
 
     def _outcomes(self, c: Candidate, metric: str) -> torch.Tensor:
         """Per-image outcomes on the scoring images with candidate `c` removed."""
         return image_outcomes(self.cuts.get(c.layer), [c.filter], metric)[0]
 
-    def _check_costs(self, cands: list[Candidate]) -> dict[tuple[str, int], float]:
-        """Every candidate's cost on the check images, in the run's metric."""
-        metric = self.settings.metric
-        tallies = {name: tally(self.check.get(name), [c.filter for c in cands if c.layer == name],
-                               metric, mode=self.settings.mode)
-                   for name in dict.fromkeys(c.layer for c in cands)}
-        return confidence.tally_costs(tallies, metric)
+    def _on_check(self, cands: list[Candidate]) -> tuple[dict[tuple[str, int], float], float]:
+        """Every candidate's cost on the check images, in the run's metric, and the criterion's
+        reliability (`confidence.reliability`: its scores there against the step's); one tally
+        per layer where the criterion's own tally on the check images counts the metric."""
+        metric, crit = self.settings.metric, self.criterion
+        reads_images = crit.depends != "weights"
+        same_k = topk_of(crit.run_metric(metric)) == topk_of(metric)
+        tallies, again = {}, []
+        for name in dict.fromkeys(c.layer for c in cands):
+            fs = [c.filter for c in cands if c.layer == name]
+            cut = self.check.get(name)
+            t = None
+            if reads_images:
+                scores, t = crit(self.net, name, cut, fs, metric)
+                again += scores.tolist()
+            if t is None or not same_k or t.candidates != fs:
+                t = tally(cut, fs, metric, mode=self.settings.mode)
+            tallies[name] = t
+        by_layer = [c.score for name in tallies for c in cands if c.layer == name]
+        rho = confidence.reliability(by_layer, again) if reads_images else math.nan
+        return confidence.tally_costs(tallies, metric), rho
 
     def _tie_keys(self, tallies: dict[str, Tally | None], step: int, group: list[Candidate]
                   ) -> list[float]:

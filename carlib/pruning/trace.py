@@ -62,7 +62,8 @@ class Trace:
         the share of removals whose margin over the runner-up is resolved (`resolved`: its
         95% interval excludes 0, of the removals that had a runner-up;
         `carlib.pruning.confidence`). With check data: the share of removals that are also
-        the best on the check images (`check_same`) and their mean regret there."""
+        the best on the check images (`check_same`), their mean regret there, and the
+        criterion's mean reliability (`check_rho`, over the steps where it is defined)."""
         rows = [r for r in self.steps if r["step"] > 0]
         tied = sum(1 for r in rows if r["tie_break"])
         out = {"scoring_top1": self.scoring_top1, "removals": len(rows), "tied": tied,
@@ -72,6 +73,7 @@ class Trace:
         if any("check_same" in r for r in rows):
             out["check_same"] = _mean([r["check_same"] for r in rows])
             out["check_regret"] = _mean([r["check_regret"] for r in rows])
+            out["check_rho"] = _mean([r.get("check_rho", math.nan) for r in rows])
         return out
 
     def pruned(self, model: nn.Module, example_input: torch.Tensor | None = None) -> MaskedNet:
