@@ -21,6 +21,13 @@ folder given):
   criterion, minus its random-tie ablation and minus the best baseline, per layer: the mean
   paired difference over seeds with its Student-t 95% interval, and how many seeds' own
   held-out intervals (paired.csv) lie above or below 0;
+- `decisions.csv` (from curves.csv and regime.csv; timings.csv if there): per model, dataset,
+  configuration, layer and criterion, over seeds: held-out top-1 at the end (mean with its
+  Student-t 95% interval, none for one seed), the scoring-minus-held-out gap at the end (the
+  same), the share of resolved removals (pooled), with `method.scoring.check` the same-pick
+  share (pooled), mean regret and mean reliability (`check_rho`) on the fresh images and how
+  many seeds were checked, and the mean seconds of a run (`carlib.pruning.confidence`,
+  docs/outputs.md);
 - `color_summary.csv` (from color_counts.csv): per layer and criterion, the color-selective
   filters among the top-K pruned summed over the runs (seeds) against the sum expected at
   random, with the exact pooled test (`carlib.analysis.color.pooled_color_count`), and the mean over
@@ -34,6 +41,7 @@ folder given):
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -50,15 +58,17 @@ from carlib.core.stats import mean_interval
 from carlib.pruning.criteria import counts_flips
 
 RUNS, SUMMARY, DIFFERENCES = "runs.csv", "summary.csv", "differences.csv"
+DECISIONS = "decisions.csv"
 COLOR_SUMMARY = "color_summary.csv"
 SKIP_DIRS = {".hydra", "state", "wandb", ".submitit"}   # never run folders or results
 # Overrides (and their sub-keys) that are never a configuration of their own: what a row
 # already names (criterion, layer), what is averaged over (seed) or follows it (the source
 # run of an interpretation), and what leaves the numbers unchanged (where files go, logging,
-# progress bars, resuming, the CAR engine's mode, the thread count of studies).
+# progress bars, resuming, the CAR engine's mode, the check on fresh images (it observes the
+# decisions, it does not change them), the thread count of studies).
 NOT_CONDITIONS = ("run", "seed", "method.criteria", "method.layers", "paths", "logger",
                   "progress", "method.resume", "method.state_dir", "method.scoring.mode",
-                  "interpret.source", "threads")
+                  "method.scoring.check", "interpret.source", "threads")
 # Columns of summary.csv other than the configuration columns.
 SUMMARY_COLUMNS = ("model", "dataset", "layer", "criterion", "filters_remaining", "n",
                    "heldout_top1_mean", "heldout_top1_std", "heldout_top1_full",
@@ -218,6 +228,59 @@ def differences(paired: pd.DataFrame, summary: pd.DataFrame,
     return pd.DataFrame(rows)
 
 
+def _interval(values: pd.Series) -> tuple[float, float, float]:
+    """(mean, low, high) over seeds: the Student-t 95% interval, NaN bounds for one value."""
+    m, lo, hi = mean_interval(values.to_numpy(dtype=float))
+    return (m, math.nan, math.nan) if values.notna().sum() < 2 else (m, lo, hi)
+
+
+def _pooled(regime: pd.DataFrame, column: str) -> float:
+    """A per-run share of regime.csv pooled over its runs (weighted by their removals)."""
+    ok = regime[column].notna() if column in regime else pd.Series(False, regime.index)
+    n = regime.loc[ok, "removals"].astype(float)
+    return float((regime.loc[ok, column].astype(float) * n).sum() / n.sum()) if n.sum() else \
+        math.nan
+
+
+def decisions(curves: pd.DataFrame, regime: pd.DataFrame, conditions: Sequence[str] = (),
+              timings: pd.DataFrame | None = None) -> pd.DataFrame:
+    """decisions.csv: how good and how sure each criterion's removals are, over seeds (see the
+    module docstring)."""
+    df = curves.assign(layer=pruned_unit(curves))
+    keys = [c for c in ("model", "dataset", *conditions, "layer", "criterion") if c in df]
+    by_run = df.groupby([c for c in ("run", *keys, "seed") if c in df], sort=False,
+                        dropna=False)
+    ends = df.loc[by_run["step"].idxmax()].reset_index(drop=True)
+    ends["gap"] = ends["scoring_acc"].astype(float) - ends["heldout_top1"].astype(float)
+    ends["heldout_top1_full"] = df.loc[by_run["step"].idxmin(), "heldout_top1"].to_numpy()
+    rows = []
+    for key, g in ends.groupby(keys, sort=False, dropna=False):
+        where = dict(zip(keys, key))
+        reg = regime
+        for k, v in where.items():
+            reg = reg[reg[k].astype("string") == str(v)] if k in reg else reg
+        top1, top1_lo, top1_hi = _interval(g["heldout_top1"])
+        gap, gap_lo, gap_hi = _interval(g["gap"])
+        checked = reg[reg["check_same"].notna()] if "check_same" in reg else reg.iloc[:0]
+        row = {**where, "n_seeds": len(g), "filters_remaining": g["filters_remaining"].iloc[0],
+               "heldout_top1": top1, "heldout_top1_lo": top1_lo, "heldout_top1_hi": top1_hi,
+               "heldout_top1_full": g["heldout_top1_full"].mean(),
+               "gap": gap, "gap_lo": gap_lo, "gap_hi": gap_hi,
+               "scoring_top1": reg["scoring_top1"].mean() if len(reg) else math.nan,
+               "resolved": _pooled(reg, "resolved"), "check_seeds": len(checked),
+               "check_same": _pooled(checked, "check_same"),
+               "check_regret": _pooled(checked, "check_regret"),
+               "check_rho": checked["check_rho"].mean() if "check_rho" in checked else math.nan}
+        if timings is not None:
+            t = timings
+            for k, v in where.items():
+                t = t[t[k].astype("string") == str(v)] if k in t else t
+            fresh = t[t["resumed_at"] == 0] if "resumed_at" in t else t
+            row["seconds"] = fresh["seconds"].mean() if len(fresh) else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def color_summary(counts: pd.DataFrame, conditions: Sequence[str] = ()) -> pd.DataFrame:
     """color_summary.csv: color counts of the runs pooled per layer and criterion."""
     keys = [c for c in ("model", "dataset", *conditions, "layer", "criterion", "index",
@@ -279,6 +342,10 @@ def aggregate(paths: Sequence[Path], out: Path | None = None,
             diffs = differences(_read(out / "paired.csv"), summary, conds)
             if len(diffs):
                 written.append(write_csv(diffs, out / DIFFERENCES))
+        if regime is not None:
+            timings = _read(out / "timings.csv") if "timings.csv" in tables else None
+            written.append(write_csv(decisions(curves, regime, conds, timings),
+                                     out / DECISIONS))
     if "color_counts.csv" in tables:
         counts = _read(out / "color_counts.csv")
         conds = condition_columns(counts, table.columns, over)

@@ -44,6 +44,7 @@ from carlib.core.io import save_figure
 from carlib.viz.plotting import (
     plot_compression,
     plot_curves,
+    plot_decisions,
     plot_differences,
     plot_rank_agreement,
     plot_summary,
@@ -202,6 +203,17 @@ def summary_figures(t: Table) -> dict[str, plt.Figure]:
                                                   "(mean ± std over seeds)")}
 
 
+def decisions_figures(t: Table) -> dict[str, plt.Figure]:
+    """decisions.png: decision quality against the scoring-set size, where runs differ in it
+    (the sizes study); nothing for other studies."""
+    x = "method.scoring.size"
+    if x not in t.conditions:
+        return {}
+    return {"decisions.png": plot_decisions(
+        t.df, x, title=f"{t.tag}decisions against scoring-set size (mean over seeds, 95% "
+                       "t-interval)")}
+
+
 def compression_figures(t: Table) -> dict[str, plt.Figure]:
     """compression.png (carlib.viz.plotting.plot_compression); one per run when aggregated."""
     if "run" in t.df and t.df["run"].nunique() > 1:  # aggregated: one figure per run
@@ -221,6 +233,7 @@ FIGURES: dict[str, Callable[[Table], dict[str, plt.Figure]]] = {
     "summary.csv": summary_figures,
     "compression.csv": compression_figures,
     "differences.csv": differences_figures,
+    "decisions.csv": decisions_figures,
 }
 
 

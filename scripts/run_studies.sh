@@ -17,7 +17,8 @@
 #   saturated  the contrast: the old easy task scored on training images       (~8 min)
 #   sizes      scoring-set size: car, car_random_tie, loss, taylor, l1 at SIZES scoring
 #              images, SEEDS; the CAR family and loss also checked on SIZE fresh images for
-#              the CHECKED seeds                        (~40 min per checked seed, ~20 other)
+#              the CHECKED seeds                        (~45 min per checked seed, ~22 other)
+#   sizes_fashion  the same on Fashion-MNIST (real images), SEEDS_FASHION  (~20 min per seed)
 # Times: threads=1 per job (studies are deterministic for it), measured with two or three
 # studies sharing a 2-core CPU: about 3.5 hours in all. Two shells can run different studies
 # at once (each job writes its own folder; a finished job is skipped on rerun, an
@@ -30,7 +31,9 @@ S=outputs/study
 SEEDS=${SEEDS:-0 1 2 3 4}  # seeds of the multi-seed studies (e.g. SEEDS="0 2" for one shell)
 SIZES=${SIZES:-250 1000 4000}  # scoring-set sizes of the sizes study (up to 16000)
 CHECKED=${CHECKED:-0 1}    # seeds whose sizes runs also check decisions on fresh images
-ALL="main interpret control fashion lenet resnet units compress saturated sizes"
+SEEDS_FASHION=${SEEDS_FASHION:-0 1 2}  # seeds of sizes_fashion
+CHECKED_FASHION=${CHECKED_FASHION:-}   # its seeds checked on fresh images (none by default)
+ALL="main interpret control fashion lenet resnet units compress saturated sizes sizes_fashion"
 
 run() {  # run <dir> <script> [overrides...]: skipped once done; resumes when interrupted
   local dir=$1; shift
@@ -121,17 +124,24 @@ study_compress() {
 study_saturated() {
   run saturated-shapes/seed0 experiments/prune.py experiment=saturated
 }
-study_sizes() {  # per seed and size: the decisions (checked on SIZE fresh images for CHECKED
-  local d=alexnet_small-shapes_hard-sizes k  # seeds) and the cheap criteria, unchecked
-  for s in $SEEDS; do
+size_runs() {  # size_runs <folder> <preset> "<seeds>" "<checked seeds>": per seed and size,
+  local d=$1 preset=$2 seeds=$3 checked=$4 k  # the decisions (checked on SIZE fresh images
+  for s in $seeds; do                         # for the checked seeds) and the cheap criteria
     for n in $SIZES; do
-      k=0; case " $CHECKED " in *" $s "*) k=$n ;; esac
-      run $d/seed$s-n$n-decide experiments/prune.py experiment=scoring_size seed=$s \
+      k=0; case " $checked " in *" $s "*) k=$n ;; esac
+      run $d/seed$s-n$n-decide experiments/prune.py experiment=$preset seed=$s \
           method.scoring.size=$n method.scoring.check=$k method.criteria=[car,car_random_tie,loss]
-      run $d/seed$s-n$n-rest experiments/prune.py experiment=scoring_size seed=$s \
+      run $d/seed$s-n$n-rest experiments/prune.py experiment=$preset seed=$s \
           method.scoring.size=$n method.criteria=[taylor,l1]
     done
   done
+}
+study_sizes() {
+  size_runs alexnet_small-shapes_hard-sizes scoring_size "$SEEDS" "$CHECKED"
+}
+study_sizes_fashion() {
+  size_runs alexnet_small-fashion_mnist-sizes scoring_size_fashion "$SEEDS_FASHION" \
+      "$CHECKED_FASHION"
 }
 
 declare -A FOLDER=([main]=alexnet_small-shapes_hard [interpret]=alexnet_small-shapes_hard
@@ -140,7 +150,8 @@ declare -A FOLDER=([main]=alexnet_small-shapes_hard [interpret]=alexnet_small-sh
                    [resnet]=resnet_small-shapes_hard-global
                    [units]=resnet_small-shapes_hard-units
                    [compress]=alexnet_small-shapes_hard [saturated]=saturated-shapes
-                   [sizes]=alexnet_small-shapes_hard-sizes)
+                   [sizes]=alexnet_small-shapes_hard-sizes
+                   [sizes_fashion]=alexnet_small-fashion_mnist-sizes)
 main() {
   for study in ${@:-$ALL}; do
     [ -n "${FOLDER[$study]:-}" ] || { echo "unknown study '$study'; valid: $ALL" >&2; exit 2; }

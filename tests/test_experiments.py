@@ -166,7 +166,8 @@ def test_default_run_benchmark_at_tiny_scale(tmp_path):
     assert cold[0] == "cold" and warm[0] == "warm" and int(warm[3]) == 0
     assert cold[6] == warm[6] and cold[7] == "4"  # same scoring top-1; 2 layers x 2 criteria
     kept = sorted(p.name for p in (tmp_path / "kept").iterdir())
-    assert kept == ["config.yaml", "curves.csv", "curves.png", "paired.csv", "regime.csv"]
+    assert kept == ["config.yaml", "curves.csv", "curves.png", "paired.csv", "regime.csv",
+                    "timings.csv"]
 
 
 PLUGIN = '''
@@ -247,6 +248,35 @@ def test_check_images_are_disjoint_from_the_scoring_set(tmp_path):
         mine = rows[rows.criterion == r.criterion]
         assert r.check_same == pytest.approx(mine.check_same.astype(float).mean())
         assert r.check_regret == pytest.approx(mine.check_regret.mean())
+
+
+def test_size_study_at_tiny_scale(tmp_path):
+    """The sizes study's path end to end: runs at two scoring-set sizes (one checked), their
+    timings.csv, aggregated into decisions.csv (a row per size and criterion) and decisions.png."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import aggregate
+    import figures
+
+    common = [*TINY, "method.criteria=[car,l1]", "method.layers=[conv2]",
+              "method.rank_agreement=false", "method.per_class=false"]
+    for n, k in ((30, 30), (60, 0)):
+        res = run(tmp_path, *common, f"method.scoring.size={n}", f"method.scoring.check={k}",
+                  f"hydra.run.dir={tmp_path}/study/n{n}")
+        assert res.returncode == 0, res.stderr[-2000:]
+        t = pd.read_csv(tmp_path / "study" / f"n{n}" / "timings.csv")
+        assert t.criterion.tolist() == ["car", "l1"] and (t.seconds > 0).all()
+        assert (t.resumed_at == 0).all()
+    assert aggregate.main([str(tmp_path / "study")]) == 0
+    d = pd.read_csv(tmp_path / "study" / "decisions.csv")
+    assert sorted(zip(d["method.scoring.size"], d.criterion)) == [
+        (30, "car"), (30, "l1"), (60, "car"), (60, "l1")]
+    assert d.check_seeds.tolist() == [1, 1, 0, 0] or d.check_seeds.tolist() == [0, 0, 1, 1]
+    assert d.resolved.between(0, 1).all() and (d.seconds > 0).all()
+    # l1 reads no images: the same removals at both sizes, so the same end top-1
+    l1 = d[d.criterion == "l1"].heldout_top1
+    assert l1.nunique() == 1
+    drawn = figures.make_figures(tmp_path / "study" / "decisions.csv")
+    assert list(drawn) == ["decisions.png"]
 
 
 def test_check_larger_than_what_is_left_is_one_line(tmp_path):

@@ -175,6 +175,61 @@ def test_summarize_brute_force():
     assert s[["layer", "n", "heldout_top1_mean"]].values.tolist() == [["conv1+conv2", 1, 0.7]]
 
 
+def test_decisions_brute_force():
+    """decisions.csv per size, layer and criterion: end top-1 and gap with scipy's t-interval
+    over seeds (none for one seed), shares pooled over removals, checked seeds only for the
+    check columns, seconds of fresh (not resumed) runs."""
+    from scipy import stats
+    rng = np.random.default_rng(3)
+    curves, regime, timings = [], [], []
+    for size in (250, 1000):
+        for seed in range(3 if size == 250 else 1):
+            run = f"n{size}-s{seed}"
+            for crit in ("car", "l1"):
+                for step in range(3):
+                    curves.append({"run": run, "model": "m", "dataset": "d", "layer": "conv1",
+                                   "criterion": crit, "seed": seed, "step": step,
+                                   "filters_remaining": 6 - step, "heldout_top1": rng.random(),
+                                   "scoring_acc": rng.random(), "method.scoring.size": size})
+                checked = seed == 0
+                regime.append({"run": run, "model": "m", "dataset": "d", "layer": "conv1",
+                               "criterion": crit, "seed": seed, "scoring_top1": 0.7,
+                               "removals": 2 + seed, "resolved": rng.random(),
+                               "check_same": rng.random() if checked else np.nan,
+                               "check_regret": rng.random() if checked else np.nan,
+                               "check_rho": rng.random() if checked else np.nan,
+                               "method.scoring.size": size})
+                timings.append({"run": run, "model": "m", "dataset": "d", "layer": "conv1",
+                                "criterion": crit, "seed": seed, "seconds": 10.0 + seed,
+                                "resumed_at": 1 if seed == 2 else 0,
+                                "method.scoring.size": size})
+    curves, regime, timings = map(pd.DataFrame, (curves, regime, timings))
+    got = aggregate.decisions(curves, regime, ["method.scoring.size"], timings)
+    assert len(got) == 4
+    for r in got.to_dict("records"):
+        mine = curves[(curves.criterion == r["criterion"])
+                      & (curves["method.scoring.size"] == r["method.scoring.size"])]
+        ends = mine.loc[mine.groupby("seed").step.idxmax()]
+        reg = regime[(regime.criterion == r["criterion"])
+                     & (regime["method.scoring.size"] == r["method.scoring.size"])]
+        assert r["n_seeds"] == len(ends)
+        for col, v in (("heldout_top1", ends.heldout_top1),
+                       ("gap", ends.scoring_acc - ends.heldout_top1)):
+            assert r[col] == pytest.approx(v.mean())
+            if len(v) > 1:
+                ci = stats.ttest_1samp(v, 0).confidence_interval(0.95)
+                assert (r[f"{col}_lo"], r[f"{col}_hi"]) == pytest.approx((ci.low, ci.high))
+            else:
+                assert np.isnan(r[f"{col}_lo"]) and np.isnan(r[f"{col}_hi"])
+        w = reg.removals
+        assert r["resolved"] == pytest.approx((reg.resolved * w).sum() / w.sum())
+        c = reg[reg.seed == 0]
+        assert r["check_seeds"] == 1
+        assert r["check_same"] == pytest.approx(c.check_same.iat[0])
+        assert r["check_rho"] == pytest.approx(c.check_rho.iat[0])
+        assert r["seconds"] == pytest.approx(10.5 if len(ends) == 3 else 10.0)
+
+
 def test_joblib_multirun_aggregates(tmp_path):
     """2 criteria x 2 seeds with the joblib launcher, aggregated and plotted."""
     multi = tmp_path / "multi"

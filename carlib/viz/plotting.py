@@ -252,3 +252,57 @@ def plot_differences(diffs: pd.DataFrame, paired: pd.DataFrame | None = None,
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def plot_decisions(df: pd.DataFrame, x: str, title: str | None = None) -> plt.Figure:
+    """Decision quality against `x` (e.g. the scoring-set size, log axis), one column of panels
+    per layer, from a decisions table (experiments/aggregate.py): held-out top-1 at the end
+    (mean over seeds, 95% interval as error bars), the share of removals that are also the best
+    on fresh images (`check_same`, where checked) and the share resolved on the scoring images.
+    Points of a criterion are offset a little along x so that error bars do not hide each
+    other; the full network's held-out top-1 is the dashed line where `heldout_top1_full`
+    is given."""
+    layers = list(dict.fromkeys(df["layer"]))
+    rows = [("heldout_top1", "held-out top-1 at the end (%)"),
+            ("check_same", "pick also best on fresh images (%)"),
+            ("resolved", "removals resolved on scoring images (%)")]
+    rows = [r for r in rows if r[0] in df and df[r[0]].notna().any()]
+    fig, axes = plt.subplots(len(rows), len(layers), figsize=(4.6 * len(layers),
+                             3.0 * len(rows) + 0.6), squeeze=False, sharex=True)
+    crits = list(dict.fromkeys(df["criterion"]))
+    for j, layer in enumerate(layers):
+        sub = df[df["layer"] == layer]
+        for i, (y, label) in enumerate(rows):
+            ax = axes[i][j]
+            for c_i, (crit, g) in enumerate(sub.groupby("criterion", sort=False)):
+                g = g.sort_values(x)
+                if g[y].isna().all():
+                    continue
+                color, ls = STYLE.get(crit, ("tab:gray", "-"))
+                xs = g[x].astype(float) * 1.04 ** (c_i - (len(crits) - 1) / 2)
+                err = None
+                if y == "heldout_top1" and f"{y}_lo" in g:
+                    err = np.vstack([(g[y] - g[f"{y}_lo"]).fillna(0),
+                                     (g[f"{y}_hi"] - g[y]).fillna(0)]).astype(float) * 100
+                ax.errorbar(xs, g[y].astype(float) * 100, yerr=err, color=color, ls=ls,
+                            marker="o", ms=4, capsize=3, label=crit)
+            if y == "heldout_top1" and "heldout_top1_full" in sub:
+                ax.axhline(sub["heldout_top1_full"].mean() * 100, color="k", ls="--", lw=0.8,
+                           label="full network")
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(_panel_label(layer))
+            if j == 0:
+                ax.set_ylabel(label, fontsize=9)
+            if i == len(rows) - 1:
+                ax.set_xlabel(x.replace("method.scoring.size", "scoring images"))
+    sizes = sorted(df[x].astype(float).unique())
+    for ax in axes[-1]:
+        ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
+        ax.minorticks_off()
+    axes[0][-1].legend(fontsize=7, frameon=False, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
