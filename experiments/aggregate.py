@@ -28,6 +28,13 @@ folder given):
   share (pooled), mean regret and mean reliability (`check_rho`) on the fresh images and how
   many seeds were checked, and the mean seconds of a run (`carlib.pruning.confidence`,
   docs/outputs.md);
+- `comparisons.csv` (from curves.csv): CAR against every other criterion, per layer and
+  configuration: the per-seed differences of held-out top-1 at the end (same model and
+  images per seed), their mean with its Student-t 95% interval and t-test p-value (Holm-
+  adjusted over all the comparisons of the folder: one family), for CAR against its ablations
+  (EQUIVALENCE: loss, car_random_tie) the TOST p-value for equivalence within ±`--margin`
+  (default 2 pp; Holm-adjusted over those comparisons), and the verdict they support
+  (`carlib.core.stats.verdict`);
 - `color_summary.csv` (from color_counts.csv): per layer and criterion, the color-selective
   filters among the top-K pruned summed over the runs (seeds) against the sum expected at
   random, with the exact pooled test (`carlib.analysis.color.pooled_color_count`), and the mean over
@@ -54,11 +61,13 @@ from omegaconf import OmegaConf
 from carlib.analysis.color import pooled_color_count
 from carlib.core.errors import CarlibError
 from carlib.core.io import write_csv
-from carlib.core.stats import mean_interval
+from carlib.core.stats import compare_over_seeds, holm, mean_interval, verdict
 from carlib.pruning.criteria import counts_flips
 
 RUNS, SUMMARY, DIFFERENCES = "runs.csv", "summary.csv", "differences.csv"
-DECISIONS = "decisions.csv"
+DECISIONS, COMPARISONS = "decisions.csv", "comparisons.csv"
+MARGIN = 0.02  # equivalence margin of comparisons.csv (held-out top-1), stated before looking
+EQUIVALENCE = ("loss", "car_random_tie")  # criteria CAR is tested for equivalence with
 COLOR_SUMMARY = "color_summary.csv"
 SKIP_DIRS = {".hydra", "state", "wandb", ".submitit"}   # never run folders or results
 # Overrides (and their sub-keys) that are never a configuration of their own: what a row
@@ -281,6 +290,37 @@ def decisions(curves: pd.DataFrame, regime: pd.DataFrame, conditions: Sequence[s
     return pd.DataFrame(rows)
 
 
+def comparisons(curves: pd.DataFrame, conditions: Sequence[str] = (), margin: float = MARGIN,
+                reference: str = "car") -> pd.DataFrame:
+    """comparisons.csv: `reference` minus every other criterion (see the module docstring)."""
+    df = curves.assign(layer=pruned_unit(curves))
+    keys = [c for c in ("model", "dataset", *conditions, "layer") if c in df]
+    by_run = df.groupby([c for c in ("run", *keys, "criterion", "seed") if c in df],
+                        sort=False, dropna=False)
+    ends = df.loc[by_run["step"].idxmax()]
+    rows = []
+    for key, g in ends.groupby(keys, sort=False, dropna=False):
+        top1 = g.pivot_table(index="seed", columns="criterion", values="heldout_top1",
+                             aggfunc="mean")
+        if reference not in top1:
+            continue
+        for other in [c for c in dict.fromkeys(g["criterion"]) if c != reference]:
+            d = (top1[reference] - top1[other]).dropna()
+            r = compare_over_seeds(d.to_numpy(dtype=float), margin)
+            if other not in EQUIVALENCE:
+                r["p_tost"] = math.nan
+            rows.append({**dict(zip(keys, key)), "criterion": reference, "versus": other,
+                         **r, "margin": margin if other in EQUIVALENCE else math.nan})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out.insert(out.columns.get_loc("p_value") + 1, "p_holm", holm(out["p_value"]))
+    out.insert(out.columns.get_loc("p_tost") + 1, "p_tost_holm", holm(out["p_tost"]))
+    out["verdict"] = [verdict(r.n_seeds, r.diff_mean, r.p_holm, r.p_tost_holm, margin)
+                      for r in out.itertuples()]
+    return out
+
+
 def color_summary(counts: pd.DataFrame, conditions: Sequence[str] = ()) -> pd.DataFrame:
     """color_summary.csv: color counts of the runs pooled per layer and criterion."""
     keys = [c for c in ("model", "dataset", *conditions, "layer", "criterion", "index",
@@ -303,7 +343,7 @@ def _read(path: Path) -> pd.DataFrame:
 
 
 def aggregate(paths: Sequence[Path], out: Path | None = None,
-              over: Sequence[str] = ("seed",)) -> list[Path]:
+              over: Sequence[str] = ("seed",), margin: float = MARGIN) -> list[Path]:
     """Write the concatenated tables, runs.csv and summary.csv to `out`; returns their paths."""
     runs = find_runs(paths)
     if out is None:
@@ -342,6 +382,9 @@ def aggregate(paths: Sequence[Path], out: Path | None = None,
             diffs = differences(_read(out / "paired.csv"), summary, conds)
             if len(diffs):
                 written.append(write_csv(diffs, out / DIFFERENCES))
+        compared = comparisons(curves, conds, margin)
+        if len(compared):
+            written.append(write_csv(compared, out / COMPARISONS))
         if regime is not None:
             timings = _read(out / "timings.csv") if "timings.csv" in tables else None
             written.append(write_csv(decisions(curves, regime, conds, timings),
@@ -359,9 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="output folder (default: the one folder given)")
     ap.add_argument("--over", nargs="+", default=["seed"],
                     help="columns averaged over in summary.csv (default: seed)")
+    ap.add_argument("--margin", type=float, default=MARGIN,
+                    help=f"equivalence margin of comparisons.csv (default {MARGIN})")
     args = ap.parse_args(argv)
     try:
-        written = aggregate(args.paths, args.out, args.over)
+        written = aggregate(args.paths, args.out, args.over, args.margin)
     except CarlibError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -230,6 +230,39 @@ def test_decisions_brute_force():
         assert r["seconds"] == pytest.approx(10.5 if len(ends) == 3 else 10.0)
 
 
+def test_comparisons_brute_force():
+    """comparisons.csv: CAR minus each criterion per seed (matched by seed across runs), scipy's
+    t-test, Holm over the folder's family (statsmodels), TOST only against the ablations."""
+    from scipy import stats
+    from statsmodels.stats.multitest import multipletests
+    rng = np.random.default_rng(5)
+    rows = []
+    for seed in range(4):
+        for run, crits in (("a", ("car", "loss")), ("b", ("l1",))):
+            for crit in crits:
+                for step in range(2):
+                    rows.append({"run": f"{run}{seed}", "model": "m", "dataset": "d",
+                                 "layer": "conv1", "criterion": crit, "seed": seed,
+                                 "step": step, "filters_remaining": 4 - step,
+                                 "heldout_top1": 0.6 + (crit == "car") * 0.01 * step
+                                 + 0.01 * rng.standard_normal()})
+    curves = pd.DataFrame(rows)
+    got = aggregate.comparisons(curves).set_index("versus")
+    end = curves[curves.step == 1].set_index(["criterion", "seed"]).heldout_top1
+    p = {}
+    for other in ("loss", "l1"):
+        d = (end["car"] - end[other]).to_numpy()
+        t = stats.ttest_1samp(d, 0.0)
+        assert got.loc[other, "diff_mean"] == pytest.approx(d.mean())
+        assert got.loc[other, "p_value"] == pytest.approx(t.pvalue)
+        p[other] = t.pvalue
+    holm = multipletests([p["loss"], p["l1"]], method="holm")[1]
+    assert got.loc[["loss", "l1"], "p_holm"].tolist() == pytest.approx(holm.tolist())
+    assert np.isnan(got.loc["l1", "p_tost"]) and not np.isnan(got.loc["loss", "p_tost"])
+    assert got.loc["loss", "p_tost_holm"] == pytest.approx(got.loc["loss", "p_tost"])
+    assert set(got["verdict"]) <= {"higher", "lower", "inconclusive", "equivalent within ±2 pp"}
+
+
 def test_joblib_multirun_aggregates(tmp_path):
     """2 criteria x 2 seeds with the joblib launcher, aggregated and plotted."""
     multi = tmp_path / "multi"

@@ -57,3 +57,42 @@ def test_bad_counts_and_method():
         car_interval(8, 5, 10)
     with pytest.raises(CarlibError, match="unknown interval method"):
         car_interval(1, 1, 10, method="wald")
+
+
+def test_compare_over_seeds_matches_scipy_and_a_hand_tost():
+    """Known answers: scipy's one-sample t-test and interval; TOST's p is the larger of the
+    two one-sided t-tests against -margin and +margin, written out here."""
+    from scipy import stats as st
+
+    from carlib.core.stats import compare_over_seeds
+    d = np.array([0.012, -0.004, 0.006, 0.001, 0.009])
+    r = compare_over_seeds(d, margin=0.02)
+    t = st.ttest_1samp(d, 0.0)
+    ci = t.confidence_interval(0.95)
+    assert r["n_seeds"] == 5 and r["diff_mean"] == pytest.approx(d.mean())
+    assert (r["diff_lo"], r["diff_hi"]) == pytest.approx((ci.low, ci.high))
+    assert r["p_value"] == pytest.approx(t.pvalue)
+    lower = st.ttest_1samp(d, -0.02, alternative="greater").pvalue
+    upper = st.ttest_1samp(d, 0.02, alternative="less").pvalue
+    assert r["p_tost"] == pytest.approx(max(lower, upper))
+    assert r["p_tost"] < 0.05  # tight around 0.5 pp: equivalent within ±2 pp
+    one = compare_over_seeds([0.03], margin=0.02)
+    assert one["n_seeds"] == 1 and np.isnan(one["p_value"]) and np.isnan(one["diff_lo"])
+
+
+def test_holm_matches_the_step_down_rule_and_skips_nan():
+    from carlib.core.stats import holm
+    p = np.array([0.01, 0.04, np.nan, 0.03])
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1, then running maximum
+    want = [0.03, 0.06, np.nan, 0.06]
+    assert np.allclose(holm(p), want, equal_nan=True)
+
+
+@pytest.mark.parametrize("args,word", [
+    ((5, 0.03, 0.01, 0.9), "higher"), ((5, -0.03, 0.01, 0.9), "lower"),
+    ((5, 0.001, 0.8, 0.01), "equivalent within ±2 pp"), ((5, 0.01, 0.3, 0.2), "inconclusive"),
+    ((1, 0.03, np.nan, np.nan), "1 seed, no test"),
+    ((5, 0.0, np.nan, np.nan), "identical on every seed")])
+def test_verdict_words(args, word):
+    from carlib.core.stats import verdict
+    assert verdict(*args, margin=0.02) == word

@@ -102,3 +102,54 @@ def mean_interval(values: object, level: float = 0.95) -> tuple[float, float, fl
         return m, m, m
     half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
     return m, m - half, m + half
+
+
+def compare_over_seeds(diffs: object, margin: float, level: float = 0.95) -> dict:
+    """One criterion against another from their per-seed differences (e.g. held-out top-1 at
+    the end, same model and images per seed): the mean with its Student-t interval, the
+    two-sided p-value of a zero mean (one-sample t-test, scipy) and the p-value of the two one-
+    sided tests (TOST, statsmodels) that the mean lies within (-margin, +margin). NaN p-values
+    and bounds with fewer than two seeds, or where the differences have no spread."""
+    from scipy import stats
+    from statsmodels.stats.weightstats import ttost_paired
+
+    d = np.asarray(diffs, dtype=float)
+    d = d[~np.isnan(d)]
+    out = {"n_seeds": len(d), "diff_mean": float(d.mean()) if len(d) else math.nan,
+           "diff_lo": math.nan, "diff_hi": math.nan, "p_value": math.nan, "p_tost": math.nan}
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return out
+    _, lo, hi = mean_interval(d, level)
+    out.update(diff_lo=lo, diff_hi=hi, p_value=float(stats.ttest_1samp(d, 0.0).pvalue),
+               p_tost=float(ttost_paired(d, np.zeros_like(d), -margin, margin)[0]))
+    return out
+
+
+def holm(p_values: object) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (statsmodels' multipletests); NaN
+    entries are left out of the family and stay NaN."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = ~np.isnan(p)
+    if ok.any():
+        out[ok] = multipletests(p[ok], method="holm")[1]
+    return out
+
+
+def verdict(n_seeds: int, diff_mean: float, p_holm: float, p_tost_holm: float,
+            margin: float, alpha: float = 0.05) -> str:
+    """The wording a comparison supports: "higher" or "lower" (Holm-adjusted p < alpha),
+    "equivalent within ±margin" (Holm-adjusted TOST p < alpha), else "inconclusive"; "1 seed,
+    no test" and "the same on every seed" (no spread: identical, or one constant difference)
+    where there is nothing to test."""
+    if n_seeds < 2:
+        return "1 seed, no test"
+    if math.isnan(p_holm):
+        return "identical on every seed" if diff_mean == 0 else "the same on every seed"
+    if p_holm < alpha:
+        return "higher" if diff_mean > 0 else "lower"
+    if p_tost_holm < alpha:
+        return f"equivalent within ±{margin * 100:g} pp"
+    return "inconclusive"
