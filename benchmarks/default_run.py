@@ -5,7 +5,7 @@ machine), then warm (the cached checkpoint is reused), each as its own process t
 start to exit; prints one row per run with the wall time, the peak resident memory, the
 training time and what the run measured (held-out top-1 of the full network, scoring top-1,
 the share of removals CAR decided). Extra arguments are passed to prune.py as overrides;
-`--keep DIR` copies the cold run's CSVs, figures and resolved config to DIR.
+`--keep DIR` copies the cold run's CSVs, figures, resolved config and provenance to DIR.
 
     python benchmarks/default_run.py                  # the default, torch's thread default
     python benchmarks/default_run.py threads=1        # any overrides
@@ -67,7 +67,8 @@ def main(argv: list[str]) -> int:
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
             cold = Path(tmp) / "cold"
-            for f in [*cold.glob("*.csv"), *cold.glob("*.png"), cold / ".hydra" / "config.yaml"]:
+            for f in [*cold.glob("*.csv"), *cold.glob("*.png"), cold / ".hydra" / "config.yaml",
+                      cold / "provenance.yaml"]:
                 shutil.copy(f, keep / f.name)
     print(pd.DataFrame(rows).to_string(index=False))
     return 0

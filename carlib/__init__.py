@@ -1,6 +1,6 @@
 """carlib: CAR (Classification Accuracy Reduction) greedy filter pruning of CNNs."""
 
-__version__ = "0.7.0"  # part of resume-state keys: bump when scores or traces change
+__version__ = "0.8.0"  # part of resume-state keys: bump when scores or traces change
 
 from carlib.core.errors import CarlibError
 from carlib.network.graph import MaskedNet, coverage, prunable_layers, units

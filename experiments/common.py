@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from carlib import MaskedNet
 from carlib.core.errors import CarlibError
-from carlib.core.io import digest, save_figure, write_csv
+from carlib.core.io import atomic_write_text, digest, save_figure, write_csv
 from carlib.core.precision import float32_exact
+from carlib.core.provenance import provenance
 from carlib.core.stats import METHODS
 from carlib.data.datasets import (
     DataBundle,
@@ -178,9 +179,11 @@ def guard(fn: Callable[[DictConfig, Settings], None]) -> Callable[[DictConfig], 
 
 
 class Outputs:
-    """A run's outputs, in one place: files in the run folder (CSV, PNG, ...), lines on
-    stdout and W&B logs (`logger.mode`; the W&B run starts at the first log), written by
-    rank 0 only (nanoGPT's master_process); on other ranks every method does nothing."""
+    """A run's outputs, in one place: files in the run folder (CSV, PNG, ...; provenance.yaml
+    at once: carlib's version, commit and dirty flag), lines on stdout and W&B logs
+    (`logger.mode`; the W&B run starts at the first log, its config carries the provenance),
+    written by rank 0 only (nanoGPT's master_process); on other ranks every method does
+    nothing."""
 
     def __init__(self, cfg: DictConfig, job_type: str, lead: bool = True) -> None:
         mode = cfg.logger.mode
@@ -189,6 +192,8 @@ class Outputs:
         self.cfg, self.job_type, self.lead = cfg, job_type, lead
         self.folder = output_dir()
         self._run = None
+        if lead:  # which code made the run's files (carlib.core.provenance)
+            atomic_write_text(self.folder / "provenance.yaml", OmegaConf.to_yaml(provenance()))
 
     def save(self, name: str, write: Callable[[Path], object]) -> None:
         """`write(path)` of the file `name` in the run folder."""
@@ -613,5 +618,6 @@ def start_wandb(cfg: DictConfig, out: Path, job_type: str):
 
     return wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode,
                       dir=str(out), job_type=job_type,
-                      config=OmegaConf.to_container(cfg, resolve=True),
+                      config={**OmegaConf.to_container(cfg, resolve=True),
+                              "provenance": provenance()},
                       settings=wandb.Settings(silent=True, console="off"))

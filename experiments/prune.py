@@ -1,18 +1,19 @@
 """Main job: greedy filter pruning of the configured layers with each criterion.
 
 `method.schedule=layerwise` (default): every (layer, criterion) run starts from the full
-trained network and prunes that layer alone. `method.schedule=global` (conf/method/global.yaml):
-one run per criterion ranks the filters of all listed layers together. Writes to the run folder:
-curves.csv (one row per removed filter), curves.png (held-out top-1 vs filters remaining),
-regime.csv (per run: the full network's scoring top-1 and the share of removals its score
-decided without a tie), paired.csv (the final networks of CAR, its ablations and the loss
-criterion against every other criterion on the same held-out images: difference and 95%
-interval), scoring_indices.txt (the scoring subset, indices into the training data, drawn from
-`method.scoring.split`), rank_agreement.csv/.png (CAR vs
-every criterion on each full layer, `method.rank_agreement`), per_class_car.csv (per-class
-top-1 CAR of every filter of the full layers, `method.per_class`) and state/ (progress after
-every step, `method.resume`: run again with the same `hydra.run.dir=...` to continue); logs
-to W&B.
+trained network and prunes that layer alone. `method.schedule=global`
+(conf/method/global.yaml): one run per criterion ranks the filters of all listed layers
+together. Writes to the run folder: curves.csv (one row per removed filter), curves.png
+(held-out top-1 vs filters remaining), regime.csv (per run: the full network's scoring top-1
+and the share of removals its score decided without a tie; the code's version, commit and dirty
+flag), paired.csv (the final networks of CAR, its ablations and the loss criterion against
+every other criterion on the same held-out images: difference and 95% interval),
+scoring_indices.txt (the scoring subset, indices into the training data, drawn from
+`method.scoring.split`), rank_agreement.csv/.png (CAR vs every criterion on each full layer,
+`method.rank_agreement`), per_class_car.csv (per-class top-1 CAR of every filter of the full
+layers, `method.per_class`), timings.csv (seconds per greedy run), provenance.yaml (the code
+that ran) and state/ (progress after every step, `method.resume`: run again with the same
+`hydra.run.dir=...` to continue); logs to W&B.
 
     python experiments/prune.py                       # default: small AlexNet, generated shapes
     python experiments/prune.py method.criteria=[car] method.layers=[conv2]
@@ -77,6 +78,7 @@ from carlib.analysis.agreement import (
 )
 from carlib.analysis.classes import per_class_frame
 from carlib.core.errors import CarlibError
+from carlib.core.provenance import provenance
 from carlib.core.stats import paired_difference
 from carlib.data.datasets import DataBundle, in_memory, load_indices
 from carlib.data.decoded import Images
@@ -169,7 +171,8 @@ def regime_frame(cfg: DictConfig, traces: list[Trace]) -> pd.DataFrame:
     return pd.DataFrame([{"model": cfg.model.name, "dataset": cfg.data.name, "layer": t.layer,
                           "criterion": t.criterion, "seed": t.seed,
                           "scoring_split": cfg.method.scoring.split,
-                          "scoring_size": cfg.method.scoring.size, **t.regime()}
+                          "scoring_size": cfg.method.scoring.size, **t.regime(),
+                          **provenance()}
                          for t in traces])
 
 
@@ -382,7 +385,7 @@ def prune(cfg: DictConfig, s: Settings) -> None:
             clock.append({"model": cfg.model.name, "dataset": cfg.data.name,
                           "layer": trace.layer, "criterion": trace.criterion,
                           "seed": trace.seed, "seconds": round(seconds, 2),
-                          "resumed_at": trace.resumed_at})
+                          "resumed_at": trace.resumed_at, **provenance()})
             out.csv(pd.DataFrame(clock), "timings.csv")
     if s.lead or split:  # split: every rank takes part; rank 0 writes
         analyse(cfg, s, out, model, (bundle, scoring, heldout), traces, frames, classes)

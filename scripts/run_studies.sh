@@ -57,6 +57,7 @@ collect() {  # collect <study>: copy its runs' CSVs to results/, aggregate, redr
     esac
     [ -f "$d/.hydra/config.yaml" ] && cp "$d/.hydra/config.yaml" "results/$rel/config.yaml"
     [ -f "$d/.hydra/overrides.yaml" ] && cp "$d/.hydra/overrides.yaml" "results/$rel/"
+    [ -f "$d/provenance.yaml" ] && cp "$d/provenance.yaml" "results/$rel/"
   done
   "$P" experiments/aggregate.py "results/$study"
   "$P" experiments/figures.py "results/$study"

@@ -12,6 +12,7 @@ from conftest import TINY_BASE
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from carlib.core.provenance import provenance
 from carlib.data.datasets import load_dataset
 from carlib.data.shapes import ALL_SHAPES
 from carlib.models import load_checkpoint
@@ -166,8 +167,8 @@ def test_default_run_benchmark_at_tiny_scale(tmp_path):
     assert cold[0] == "cold" and warm[0] == "warm" and int(warm[3]) == 0
     assert cold[6] == warm[6] and cold[7] == "4"  # same scoring top-1; 2 layers x 2 criteria
     kept = sorted(p.name for p in (tmp_path / "kept").iterdir())
-    assert kept == ["config.yaml", "curves.csv", "curves.png", "paired.csv", "regime.csv",
-                    "timings.csv"]
+    assert kept == ["config.yaml", "curves.csv", "curves.png", "paired.csv", "provenance.yaml",
+                    "regime.csv", "timings.csv"]
 
 
 PLUGIN = '''
@@ -266,6 +267,12 @@ def test_size_study_at_tiny_scale(tmp_path):
         t = pd.read_csv(tmp_path / "study" / f"n{n}" / "timings.csv")
         assert t.criterion.tolist() == ["car", "l1"] and (t.seconds > 0).all()
         assert (t.resumed_at == 0).all()
+        made = OmegaConf.load(tmp_path / "study" / f"n{n}" / "provenance.yaml")
+        assert made == OmegaConf.create(provenance())  # also in regime.csv and timings.csv
+        regime = pd.read_csv(tmp_path / "study" / f"n{n}" / "regime.csv")
+        for frame in (t, regime):
+            assert (frame.carlib_version == made.carlib_version).all()
+            assert (frame.git_commit == made.git_commit).all()
     assert aggregate.main([str(tmp_path / "study")]) == 0
     d = pd.read_csv(tmp_path / "study" / "decisions.csv")
     assert sorted(zip(d["method.scoring.size"], d.criterion)) == [
