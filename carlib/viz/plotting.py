@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 STYLE = {"car": ("tab:red", "-"), "car_random_tie": ("tab:orange", "--"),
@@ -62,12 +63,14 @@ def plot_curves(df: pd.DataFrame, y: str = "heldout_top1", panel: str = "layer",
     """`y` against filters remaining: one panel per `panel` value, one curve per `hue` value.
 
     Rows sharing (panel, hue, filters_remaining) (e.g. several seeds) are averaged, with the
-    min-max band shaded. Pruning proceeds left to right (x axis inverted). `row`, if given, is a
-    column whose values (e.g. models or configurations of a sweep) each get a row of panels.
+    min-max band shaded (the legend says so). Pruning proceeds left to right (x axis
+    inverted). `row`, if given, is a column whose values (e.g. models or configurations of a
+    sweep) each get a row of panels.
     `notes` ({panel: text} or {(row, panel): text}, e.g. `regime_notes`) go under the titles.
     """
     panels = list(dict.fromkeys(df[panel]))
     rows = list(dict.fromkeys(df[row])) if row else [None]
+    banded = False
     width = 4.6 if len(panels) > 1 else 6.4
     fig, axes = plt.subplots(len(rows), len(panels), figsize=(width * len(panels),
                                                               3.8 * len(rows)), squeeze=False)
@@ -81,6 +84,7 @@ def plot_curves(df: pd.DataFrame, y: str = "heldout_top1", panel: str = "layer",
                 if (s["max"] > s["min"]).any():
                     ax.fill_between(s.index, s["min"] * 100, s["max"] * 100, color=color,
                                     alpha=0.15)
+                    banded = True
             ax.invert_xaxis()
             _count_ticks(ax, sub["filters_remaining"])
             note = (notes or {}).get(p if r is None else (r, p))
@@ -89,8 +93,12 @@ def plot_curves(df: pd.DataFrame, y: str = "heldout_top1", panel: str = "layer",
             ax.set_xlabel("filters remaining")
             ax.grid(alpha=0.3)
         axes[i][0].set_ylabel(f"{y.replace('_', ' ')} (%)")
-    axes[0][-1].legend(title=hue, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1),
-                       fontsize=9)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    if banded:  # say what the shading is
+        handles.append(Patch(color="0.5", alpha=0.3))
+        labels.append("shaded: min-max\nover seeds (line: mean)")
+    axes[0][-1].legend(handles, labels, title=hue, frameon=False, loc="upper left",
+                       bbox_to_anchor=(1.02, 1), fontsize=9)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -205,8 +213,9 @@ def plot_differences(diffs: pd.DataFrame, paired: pd.DataFrame | None = None,
     share a line), labelled with the mean and its interval.
 
     `diffs` has differences.csv's rows (experiments/aggregate.py): the mean over seeds with its
-    95% interval is drawn black. `paired` (paired.csv rows), if given, adds each seed's own
-    difference with its 95% interval over held-out images, in color, just below.
+    95% interval is drawn black (a hollow marker and no interval for one seed). `paired`
+    (paired.csv rows), if given, adds each seed's own difference with its 95% interval over
+    held-out images, in color, just below.
     """
     rows = list(dict.fromkeys(diffs[row])) if row else [None]
     layers = {r: list(dict.fromkeys((diffs[diffs[row] == r] if row else diffs)["layer"]))
@@ -226,9 +235,11 @@ def plot_differences(diffs: pd.DataFrame, paired: pd.DataFrame | None = None,
             labels = []
             for y, (versus, g) in enumerate(sub.groupby("versus", sort=False)):
                 d = g.iloc[0]
+                one = d.n_seeds < 2  # one seed: no interval over seeds to draw
                 labels.append(f"vs {versus} ({', '.join(g['comparison'])})\n"
-                              f"{d.diff_mean * 100:+.1f} [{d.diff_lo * 100:+.1f}, "
-                              f"{d.diff_hi * 100:+.1f}], n={d.n_seeds}")
+                              f"{d.diff_mean * 100:+.1f}" + (", 1 seed, no interval" if one
+                              else f" [{d.diff_lo * 100:+.1f}, {d.diff_hi * 100:+.1f}], "
+                              f"n={d.n_seeds}"))
                 color = STYLE.get(versus, ("tab:gray", "-"))[0]
                 if paired is not None:
                     p = paired[(paired["layer"] == layer) & (paired["criterion"] == "car")
@@ -239,8 +250,9 @@ def plot_differences(diffs: pd.DataFrame, paired: pd.DataFrame | None = None,
                         ax.plot([q.lo * 100, q.hi * 100], [y + off] * 2, color=color, lw=1,
                                 alpha=0.7)
                         ax.plot(q.diff * 100, y + off, "o", color=color, ms=3.5)
-                ax.plot([d.diff_lo * 100, d.diff_hi * 100], [y, y], color="k", lw=2.5)
-                ax.plot(d.diff_mean * 100, y, "D", color="k", ms=6)
+                if not one:
+                    ax.plot([d.diff_lo * 100, d.diff_hi * 100], [y, y], color="k", lw=2.5)
+                ax.plot(d.diff_mean * 100, y, "D", color="k", ms=6, mfc="none" if one else "k")
             ax.axvline(0, color="0.4", lw=1, ls="--")
             ax.set_yticks(range(len(labels)), labels, fontsize=8)
             ax.set_ylim(len(labels) - 0.45, -0.6)
