@@ -270,17 +270,19 @@ def plot_decisions(df: pd.DataFrame, x: str, title: str | None = None) -> plt.Fi
     """Decision quality against `x` (e.g. the scoring-set size, log axis), one column of panels
     per layer, from a decisions table (experiments/aggregate.py): held-out top-1 at the end
     (mean over seeds, 95% interval as error bars), the share of removals that are also the best
-    on fresh images (`check_same`, where checked) and the share resolved on the scoring images.
+    on fresh images (`check_same`, where checked), the criterion's reliability there
+    (`check_rho`) and the share resolved on the scoring images.
     Points of a criterion are offset a little along x so that error bars do not hide each
     other; the full network's held-out top-1 is the dashed line where `heldout_top1_full`
     is given."""
     layers = list(dict.fromkeys(df["layer"]))
     rows = [("heldout_top1", "held-out top-1 at the end (%)"),
             ("check_same", "pick also best on fresh images (%)"),
+            ("check_rho", "score reliability: Spearman,\nscoring vs fresh images (x100)"),
             ("resolved", "removals resolved on scoring images (%)")]
     rows = [r for r in rows if r[0] in df and df[r[0]].notna().any()]
-    fig, axes = plt.subplots(len(rows), len(layers), figsize=(4.6 * len(layers),
-                             3.0 * len(rows) + 0.6), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(len(rows), len(layers), figsize=(4.6 * len(layers) + 1.6,
+                             2.7 * len(rows) + 0.6), squeeze=False, sharex=True)
     crits = list(dict.fromkeys(df["criterion"]))
     for j, layer in enumerate(layers):
         sub = df[df["layer"] == layer]
@@ -313,7 +315,7 @@ def plot_decisions(df: pd.DataFrame, x: str, title: str | None = None) -> plt.Fi
     for ax in axes[-1]:
         ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
         ax.minorticks_off()
-    axes[0][-1].legend(fontsize=7, frameon=False, loc="lower right")
+    axes[0][-1].legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
