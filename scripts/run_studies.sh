@@ -19,6 +19,7 @@
 #              images, SEEDS; the CAR family and loss also checked on SIZE fresh images for
 #              the CHECKED seeds                        (~45 min per checked seed, ~22 other)
 #   sizes_fashion  the same on Fashion-MNIST (real images), SEEDS_FASHION  (~20 min per seed)
+#   default    the README's default command, kept in results/default_run       (~5 min)
 # Times: threads=1 per job (studies are deterministic for it), measured with two or three
 # studies sharing a 2-core CPU: about 3.5 hours in all. Two shells can run different studies
 # at once (each job writes its own folder; a finished job is skipped on rerun, an
@@ -33,10 +34,12 @@ SIZES=${SIZES:-250 1000 4000}  # scoring-set sizes of the sizes study (up to 160
 CHECKED=${CHECKED:-0 1}    # seeds whose sizes runs also check decisions on fresh images
 SEEDS_FASHION=${SEEDS_FASHION:-0 1 2}  # seeds of sizes_fashion
 CHECKED_FASHION=${CHECKED_FASHION:-}   # its seeds checked on fresh images (none by default)
-ALL="main interpret control fashion lenet resnet units compress saturated sizes sizes_fashion"
+ALL="main interpret control fashion lenet resnet units compress saturated sizes sizes_fashion default"
 
+JOBS=0
 run() {  # run <dir> <script> [overrides...]: skipped once done; resumes when interrupted
   local dir=$1; shift
+  JOBS=$((JOBS + 1))
   if [ -n "${CHECK:-}" ]; then  # CHECK=1: only compose each job's config (seconds, no run)
     echo "config ok: $*"
     "$P" "$@" $C hydra.run.dir="$S/$dir" --cfg job > /dev/null
@@ -137,6 +140,15 @@ size_runs() {  # size_runs <folder> <preset> "<seeds>" "<checked seeds>": per se
     done
   done
 }
+study_default() {  # the README's default command (torch's thread default), as benchmarked
+  JOBS=$((JOBS + 1))
+  if [ -n "${CHECK:-}" ]; then
+    echo "config ok: experiments/prune.py (default)"
+    "$P" experiments/prune.py --cfg job > /dev/null
+    return
+  fi
+  "$P" benchmarks/default_run.py --keep results/default_run
+}
 study_sizes() {
   size_runs alexnet_small-shapes_hard-sizes scoring_size "$SEEDS" "$CHECKED"
 }
@@ -152,13 +164,15 @@ declare -A FOLDER=([main]=alexnet_small-shapes_hard [interpret]=alexnet_small-sh
                    [units]=resnet_small-shapes_hard-units
                    [compress]=alexnet_small-shapes_hard [saturated]=saturated-shapes
                    [sizes]=alexnet_small-shapes_hard-sizes
-                   [sizes_fashion]=alexnet_small-fashion_mnist-sizes)
+                   [sizes_fashion]=alexnet_small-fashion_mnist-sizes [default]=default_run)
 main() {
   for study in ${@:-$ALL}; do
     [ -n "${FOLDER[$study]:-}" ] || { echo "unknown study '$study'; valid: $ALL" >&2; exit 2; }
     "study_$study"
-    collect "${FOLDER[$study]}"
+    [ "$study" = default ] || collect "${FOLDER[$study]}"
   done
+  if [ -n "${CHECK:-}" ]; then echo "$JOBS jobs: every config composes"; return; fi
+  "$P" experiments/figures.py results/ > /dev/null  # the all-study figures (differences.png)
 }
 # bash reads a script while running it: with the work in functions and `main; exit` on one
 # line, editing this file while studies run cannot change what they do
