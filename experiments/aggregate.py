@@ -68,6 +68,10 @@ RUNS, SUMMARY, DIFFERENCES = "runs.csv", "summary.csv", "differences.csv"
 DECISIONS, COMPARISONS = "decisions.csv", "comparisons.csv"
 MARGIN = 0.02  # equivalence margin of comparisons.csv (held-out top-1), stated before looking
 EQUIVALENCE = ("loss", "car_random_tie")  # criteria CAR is tested for equivalence with
+# Columns of comparisons.csv other than the configuration columns.
+COMPARISON_COLUMNS = ("model", "dataset", "layer", "criterion", "versus", "n_seeds",
+                      "diff_mean", "diff_lo", "diff_hi", "p_value", "p_holm", "p_tost",
+                      "p_tost_holm", "margin", "verdict")
 COLOR_SUMMARY = "color_summary.csv"
 SKIP_DIRS = {".hydra", "state", "wandb", ".submitit"}   # never run folders or results
 # Overrides (and their sub-keys) that are never a configuration of their own: what a row

@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from aggregate import (
+    COMPARISON_COLUMNS,
     DIFFERENCE_COLUMNS,
     RUNS,
     SKIP_DIRS,
@@ -100,14 +101,37 @@ def curves_figures(t: Table) -> dict[str, plt.Figure]:
     return {"curves.png": plot_curves(df, title=f"{t.tag}{what}", row=row, notes=notes)}
 
 
+def as_differences(comparisons: pd.DataFrame) -> pd.DataFrame:
+    """comparisons.csv rows as differences to draw: every criterion against CAR, labelled with
+    the verdict and the Holm-adjusted p-value (`experiments/aggregate.py`)."""
+    def label(r: pd.Series) -> str:
+        p = "" if pd.isna(r["p_holm"]) else f", Holm p={r['p_holm']:.2g}"
+        if not pd.isna(r["p_tost_holm"]):
+            p += f", TOST p={r['p_tost_holm']:.2g}"
+        return f"{r['verdict']}{p}"
+
+    return comparisons.assign(comparison=comparisons.apply(label, axis=1))
+
+
+DIFFERENCES_TITLE = ("CAR minus every other criterion, end of pruning (verdict: Holm over the "
+                     "study; TOST ±margin against loss, car_random_tie)\nblack: mean over seeds, "
+                     "95% t-interval; color: each seed, 95% over held-out images")
+
+
 def differences_figures(t: Table) -> dict[str, plt.Figure]:
+    """differences.png: from comparisons.csv beside (every criterion) when there is one, else
+    from differences.csv (CAR against the best others)."""
+    comparisons = t.beside("comparisons.csv")
+    if comparisons is not None:
+        t = Table(as_differences(comparisons), t.conditions, t.tag, t.path)
     df, row = _with_condition(t)
     paired = t.beside("paired.csv")
     if paired is not None and row:
         paired = paired.assign(condition=condition_label(paired, t.conditions))
-    return {"differences.png": plot_differences(
-        df, paired, row=row, title=f"{t.tag}CAR minus other criteria, end of pruning\n"
-        "black: mean over seeds, 95% t-interval; color: each seed, 95% over held-out images")}
+    title = (DIFFERENCES_TITLE if comparisons is not None else
+             "CAR minus other criteria, end of pruning\nblack: mean over seeds, 95% "
+             "t-interval; color: each seed, 95% over held-out images")
+    return {"differences.png": plot_differences(df, paired, row=row, title=f"{t.tag}{title}")}
 
 
 def rank_agreement_figures(t: Table) -> dict[str, plt.Figure]:
@@ -274,8 +298,13 @@ def all_differences(root: Path) -> plt.Figure | None:
     diffs, paired = [], []
     for p in found:
         d = pd.read_csv(p, dtype_backend="numpy_nullable")
+        known = DIFFERENCE_COLUMNS
+        if (p.parent / "comparisons.csv").is_file():  # every criterion, with its verdict
+            d = as_differences(pd.read_csv(p.parent / "comparisons.csv",
+                                           dtype_backend="numpy_nullable"))
+            known = (*COMPARISON_COLUMNS, "comparison")
         q = pd.read_csv(p.parent / "paired.csv", dtype_backend="numpy_nullable")
-        conds = [c for c in d if c not in DIFFERENCE_COLUMNS]
+        conds = [c for c in d if c not in known]
         for frame, out in ((d, diffs), (q, paired)):
             label = pd.Series(str(p.parent.relative_to(root)), index=frame.index)
             if conds:
@@ -283,9 +312,7 @@ def all_differences(root: Path) -> plt.Figure | None:
             out.append(frame.assign(study=label))
     return plot_differences(pd.concat(diffs, ignore_index=True),
                             pd.concat(paired, ignore_index=True), row="study",
-                            title="CAR minus other criteria, end of pruning, every study\nblack: "
-                                  "mean over seeds, 95% t-interval; color: each seed, 95% over "
-                                  "held-out images")
+                            title=f"every study: {DIFFERENCES_TITLE}")
 
 
 def write_figures(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:

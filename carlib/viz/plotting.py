@@ -223,7 +223,7 @@ def plot_differences(diffs: pd.DataFrame, paired: pd.DataFrame | None = None,
     ncol = max(len(v) for v in layers.values())
     lines = diffs.groupby(["layer", *([row] if row else [])], sort=False)["versus"].nunique()
     fig, axes = plt.subplots(len(rows), ncol, squeeze=False,
-                             figsize=(5.2 * ncol, 1.2 + 0.62 * int(lines.max()) * len(rows)))
+                             figsize=(6.8 * ncol, 1.2 + 0.62 * int(lines.max()) * len(rows)))
     for i, r in enumerate(rows):
         for j in range(ncol):
             ax = axes[i][j]
@@ -235,11 +235,13 @@ def plot_differences(diffs: pd.DataFrame, paired: pd.DataFrame | None = None,
             labels = []
             for y, (versus, g) in enumerate(sub.groupby("versus", sort=False)):
                 d = g.iloc[0]
-                one = d.n_seeds < 2  # one seed: no interval over seeds to draw
+                # one seed, or the same difference in every seed: no interval to draw
+                one = d.n_seeds < 2 or pd.isna(d.diff_lo) or pd.isna(d.diff_hi)
+                spread = (", 1 seed, no interval" if d.n_seeds < 2 else
+                          f", n={d.n_seeds}, no spread" if one else
+                          f" [{d.diff_lo * 100:+.1f}, {d.diff_hi * 100:+.1f}], n={d.n_seeds}")
                 labels.append(f"vs {versus} ({', '.join(g['comparison'])})\n"
-                              f"{d.diff_mean * 100:+.1f}" + (", 1 seed, no interval" if one
-                              else f" [{d.diff_lo * 100:+.1f}, {d.diff_hi * 100:+.1f}], "
-                              f"n={d.n_seeds}"))
+                              f"{d.diff_mean * 100:+.1f}{spread}")
                 color = STYLE.get(versus, ("tab:gray", "-"))[0]
                 if paired is not None:
                     p = paired[(paired["layer"] == layer) & (paired["criterion"] == "car")
