@@ -291,7 +291,8 @@ def make_figures(csv: Path) -> dict[str, plt.Figure]:
 
 def all_differences(root: Path) -> plt.Figure | None:
     """One differences figure of every study under `root` (folders with differences.csv),
-    a row per study and configuration; None when fewer than two studies have one."""
+    a row per study and configuration (not the scoring-set size studies, whose own
+    differences.png has a row per size); None when fewer than two studies have one."""
     found = [p for p in find_csvs(root) if p.name == "differences.csv"]
     if len(found) < 2:
         return None
@@ -305,6 +306,8 @@ def all_differences(root: Path) -> plt.Figure | None:
             known = (*COMPARISON_COLUMNS, "comparison")
         q = pd.read_csv(p.parent / "paired.csv", dtype_backend="numpy_nullable")
         conds = [c for c in d if c not in known]
+        if "method.scoring.size" in conds:  # the sizes studies: their own figures
+            continue
         for frame, out in ((d, diffs), (q, paired)):
             label = pd.Series(str(p.parent.relative_to(root)), index=frame.index)
             if conds:

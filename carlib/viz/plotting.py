@@ -264,7 +264,8 @@ def plot_differences(diffs: pd.DataFrame, paired: pd.DataFrame | None = None,
             ax.grid(axis="x", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    # room for a two-line title above the panels, whatever the figure's height
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()) if title else None)
     return fig
 
 
