@@ -349,6 +349,9 @@ def _read(path: Path) -> pd.DataFrame:
 def aggregate(paths: Sequence[Path], out: Path | None = None,
               over: Sequence[str] = ("seed",), margin: float = MARGIN) -> list[Path]:
     """Write the concatenated tables, runs.csv and summary.csv to `out`; returns their paths."""
+    if not margin > 0:
+        raise CarlibError(f"--margin {margin} is not a positive accuracy difference; give e.g. "
+                          f"--margin {MARGIN} (2 pp)")
     runs = find_runs(paths)
     if out is None:
         if len(paths) != 1 or (paths[0] / ".hydra").is_dir():

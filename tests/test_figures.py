@@ -336,3 +336,10 @@ def test_figures_command_rebuilds_every_committed_figure(tmp_path):
     written, failed = figures.write_figures([copy])
     assert not failed
     assert {p.relative_to(copy) for p in written} == committed
+
+
+def test_negative_margin_is_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert aggregate.main([str(tmp_path / "run"), "--margin", "-0.02"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--margin" in err[0]
