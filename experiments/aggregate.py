@@ -174,18 +174,25 @@ def pruned_unit(curves: pd.DataFrame) -> pd.Series:
     return unit
 
 
-def summarize(curves: pd.DataFrame, conditions: Sequence[str] = (),
-              regime: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Held-out top-1 at the end of every greedy run: mean, std and n over the runs sharing
-    model, dataset, configuration (`conditions`), layer and criterion (e.g. seeds); plus the
-    mean held-out top-1 of the full network (step 0) as `heldout_top1_full`, and CAR's regime
-    from `regime` (regime.csv rows) if given (see the module docstring)."""
+def run_ends(curves: pd.DataFrame, conditions: Sequence[str] = ()) -> pd.DataFrame:
+    """The last row of every greedy run (layer: `pruned_unit`), with the run's first held-out
+    top-1 (the full network) as `heldout_top1_full`."""
     df = curves.assign(layer=pruned_unit(curves))
     run_keys = [c for c in ("run", "model", "dataset", *conditions, "layer", "criterion", "seed")
                 if c in df]
     by_run = df.groupby(run_keys, sort=False, dropna=False)
     ends = df.loc[by_run["step"].idxmax()].reset_index(drop=True)
     ends["heldout_top1_full"] = df.loc[by_run["step"].idxmin(), "heldout_top1"].to_numpy()
+    return ends
+
+
+def summarize(curves: pd.DataFrame, conditions: Sequence[str] = (),
+              regime: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Held-out top-1 at the end of every greedy run: mean, std and n over the runs sharing
+    model, dataset, configuration (`conditions`), layer and criterion (e.g. seeds); plus the
+    mean held-out top-1 of the full network (step 0) as `heldout_top1_full`, and CAR's regime
+    from `regime` (regime.csv rows) if given (see the module docstring)."""
+    ends = run_ends(curves, conditions)
     keys = [c for c in ("model", "dataset", *conditions, "layer", "criterion",
                         "filters_remaining") if c in ends]
     out = ends.groupby(keys, sort=False, dropna=False).agg(
@@ -259,13 +266,9 @@ def decisions(curves: pd.DataFrame, regime: pd.DataFrame, conditions: Sequence[s
               timings: pd.DataFrame | None = None) -> pd.DataFrame:
     """decisions.csv: how good and how sure each criterion's removals are, over seeds (see the
     module docstring)."""
-    df = curves.assign(layer=pruned_unit(curves))
-    keys = [c for c in ("model", "dataset", *conditions, "layer", "criterion") if c in df]
-    by_run = df.groupby([c for c in ("run", *keys, "seed") if c in df], sort=False,
-                        dropna=False)
-    ends = df.loc[by_run["step"].idxmax()].reset_index(drop=True)
+    ends = run_ends(curves, conditions)
+    keys = [c for c in ("model", "dataset", *conditions, "layer", "criterion") if c in ends]
     ends["gap"] = ends["scoring_acc"].astype(float) - ends["heldout_top1"].astype(float)
-    ends["heldout_top1_full"] = df.loc[by_run["step"].idxmin(), "heldout_top1"].to_numpy()
     rows = []
     for key, g in ends.groupby(keys, sort=False, dropna=False):
         where = dict(zip(keys, key))
@@ -297,11 +300,8 @@ def decisions(curves: pd.DataFrame, regime: pd.DataFrame, conditions: Sequence[s
 def comparisons(curves: pd.DataFrame, conditions: Sequence[str] = (), margin: float = MARGIN,
                 reference: str = "car") -> pd.DataFrame:
     """comparisons.csv: `reference` minus every other criterion (see the module docstring)."""
-    df = curves.assign(layer=pruned_unit(curves))
-    keys = [c for c in ("model", "dataset", *conditions, "layer") if c in df]
-    by_run = df.groupby([c for c in ("run", *keys, "criterion", "seed") if c in df],
-                        sort=False, dropna=False)
-    ends = df.loc[by_run["step"].idxmax()]
+    ends = run_ends(curves, conditions)
+    keys = [c for c in ("model", "dataset", *conditions, "layer") if c in ends]
     rows = []
     for key, g in ends.groupby(keys, sort=False, dropna=False):
         top1 = g.pivot_table(index="seed", columns="criterion", values="heldout_top1",
