@@ -9,7 +9,7 @@
 #   interpret  color/shape counts (weight and response color index), galleries,
 #              class importance, diversity of the main runs                   (~5 min)
 #   control    main + interpret with color in the label (40 classes)          (~55 min)
-#   fashion    alexnet_small on Fashion-MNIST (real images), seeds 0-2        (~35 min)
+#   fashion    alexnet_small on Fashion-MNIST (real images), seeds 0-4        (~40 min)
 #   lenet      LeNet-5 on Fashion-MNIST, seeds 0-4                            (~17 min)
 #   resnet     small ResNet, network-wide over 7 single-conv layers, seed 0   (~45 min)
 #   units      small ResNet, network-wide over every unit (residual streams), seeds 0-2 (~2 h)
@@ -91,7 +91,7 @@ study_control() {
   interpret_runs alexnet_small-shapes_hard_colorlabel data.color_label=true
 }
 study_fashion() {
-  for s in 0 1 2; do  # three seeds (~8 min each): a supplementary real-image study
+  for s in $SEEDS; do  # ~8 min each: the real-image study
     run alexnet_small-fashion_mnist/seed$s experiments/prune.py experiment=fashion seed=$s
   done
 }
