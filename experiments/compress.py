@@ -12,7 +12,8 @@ batch 1 and `cost.batch_size`, held-out top-1). Then, each stage off-able:
   fixed), Huffman coding (`layer_compression.enabled=false`: off);
 
 and write compression.csv (one row per stage: bits of the layer, ratio to the original layer,
-held-out top-1 before and after the stage's retraining, its budget), compression.png and
+held-out top-1 before and after the stage's retraining, its budget, validation top-1 after it:
+`val_top1`, where the setting is chosen), compression.png and
 compressed.pt (the network after the last stage; `load_pruned` reads it).
 
     python experiments/compress.py source.curves=outputs/prune/<run>/curves.csv source.layer=conv2
@@ -69,7 +70,7 @@ from carlib.viz.plotting import plot_compression
 
 COLUMNS = ["model", "dataset", "layer", "stage", "bits", "ratio", "nonzero", "heldout_top1",
            "retrain_epochs", "retrain_seconds", "heldout_top1_before_retrain", "retrain_steps",
-           "bits_weights", "bits_index", "bits_codebook", "bits_table", "bits_bias"]
+           "bits_weights", "bits_index", "bits_codebook", "bits_table", "bits_bias", "val_top1"]
 
 
 def removed_filters(cfg: DictConfig) -> tuple[dict[str, list[int]], float | None]:
@@ -153,8 +154,10 @@ def retrain(cfg: DictConfig, model: nn.Module, bundle: DataBundle, epochs: int,
 
 
 def compress_layer(cfg: DictConfig, net: nn.Module, layer: str, bundle: DataBundle,
-                   heldout) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """Weight pruning then weight sharing of `net`'s `layer` in place, each retrained.
+                   heldout, measure: Callable[[nn.Module], dict[str, float]]
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Weight pruning then weight sharing of `net`'s `layer` in place, each retrained;
+    `measure(net)`: the top-1 values a stage's row gets after its retraining.
 
     Returns (mask, codes, one row per stage: weight_pruned, quantized, huffman).
     """
@@ -167,18 +170,18 @@ def compress_layer(cfg: DictConfig, net: nn.Module, layer: str, bundle: DataBund
     before = evaluate(net, heldout)["top1"]
     budget = retrain(cfg, net, bundle, lc.prune_epochs, only)
     rows.append({"stage": "weight_pruned", "heldout_top1_before_retrain": before,
-                 "heldout_top1": evaluate(net, heldout)["top1"], **budget})
+                 **measure(net), **budget})
     bake(conv)
     codebook, codes = quantize(conv.weight, mask, lc.bits)
     share_weights(conv, codebook, codes, mask)
     before = evaluate(net, heldout)["top1"]
     budget = retrain(cfg, net, bundle, lc.quantize_epochs, only)
-    after = evaluate(net, heldout)["top1"]
-    rows.append({"stage": "quantized", "heldout_top1_before_retrain": before,
-                 "heldout_top1": after, **budget})
+    after = measure(net)
+    rows.append({"stage": "quantized", "heldout_top1_before_retrain": before, **after,
+                 **budget})
     bake(conv)
-    rows.append({"stage": "huffman", "heldout_top1_before_retrain": after, "heldout_top1": after,
-                 **retrain(cfg, net, bundle, 0)})  # lossless: the quantized network
+    rows.append({"stage": "huffman", "heldout_top1_before_retrain": after["heldout_top1"],
+                 **after, **retrain(cfg, net, bundle, 0)})  # lossless: the quantized network
     return mask, codes, rows
 
 
@@ -192,19 +195,26 @@ def check_removal(cfg: DictConfig, prune: Callable[..., nn.Module],
 
 
 def stages(cfg: DictConfig, model: nn.Module, pruned: nn.Module, layer: str,
-           bundle: DataBundle, heldout, acc: dict[str, float]) -> tuple[nn.Module, pd.DataFrame]:
+           bundle: DataBundle, heldout, val, acc: dict[str, float]
+           ) -> tuple[nn.Module, pd.DataFrame]:
     """Retrain a copy of `pruned` and compress its `layer` (each stage off-able); (the network
-    after the last stage, compression.csv's rows). `acc`: held-out top-1 of cost.csv."""
+    after the last stage, compression.csv's rows). `acc`: held-out top-1 of cost.csv; `val`:
+    the validation images (None: no val split), whose top-1 after each stage is `val_top1`
+    (to choose a compression setting on, not on the held-out split)."""
+    def measure(net: nn.Module) -> dict[str, float]:
+        return {"heldout_top1": evaluate(net, heldout)["top1"],
+                "val_top1": evaluate(net, val)["top1"] if val is not None else float("nan")}
+
     net = copy.deepcopy(pruned)
     rows = [{"stage": "original", "heldout_top1_before_retrain": acc["original"],
-             "heldout_top1": acc["original"], **retrain(cfg, net, bundle, 0)}]
+             **measure(model), **retrain(cfg, net, bundle, 0)}]
     budget = retrain(cfg, net, bundle, cfg.retrain.epochs)
     rows.append({"stage": "car_pruned", "heldout_top1_before_retrain": acc["pruned"],
-                 "heldout_top1": evaluate(net, heldout)["top1"], **budget})
+                 **measure(net), **budget})
     dense = copy.deepcopy(net.get_submodule(layer))
     lc = cfg.layer_compression
     if lc.enabled:
-        mask, codes, more = compress_layer(cfg, net, layer, bundle, heldout)
+        mask, codes, more = compress_layer(cfg, net, layer, bundle, heldout, measure)
         rows += more
         bits = bit_account(model.get_submodule(layer), dense, mask, codes, lc.bits, lc.index_bits)
     else:
@@ -237,7 +247,8 @@ def main(cfg: DictConfig, s: Settings) -> None:
     heldout = images(cfg, bundle.test, "held-out", s.device)  # decoded once, on the device
     df["heldout_top1"] = [evaluate(variants[v], heldout)["top1"] for v in df.variant]
     out.csv(df, "cost.csv")
-    net, comp = stages(cfg, model, pruned, layer, bundle, heldout,
+    val = images(cfg, bundle.val, "validation", s.device) if bundle.val is not None else None
+    net, comp = stages(cfg, model, pruned, layer, bundle, heldout, val,
                        dict(zip(df.variant, df.heldout_top1)))
     out.csv(comp, "compression.csv")
     out.figure("compression.png", lambda: plot_compression(comp))
