@@ -147,6 +147,39 @@ def pooled_color_count(counts: Iterable[Mapping]) -> dict[str, float]:
             "p_value_fewer": float(min(1.0, pmf[:observed + 1].sum()))}
 
 
+def paired_color_count(runs: Iterable[tuple[Sequence[int], Sequence[int], torch.Tensor,
+                                              torch.Tensor | None]]) -> dict[str, float]:
+    """Two criteria's top-K color counts compared on the same runs (seeds): an exact paired test.
+
+    Each run gives (top-K of criterion A, top-K of criterion B, `selective` and `dead` of the
+    layer, as in `color_count`). Filters both criteria picked cancel; of the live filters only
+    one picked (a_only + b_only, c of them color-selective), A's share of the color-selective
+    ones is, if the two criteria are exchangeable in color, hypergeometric (a_only of the
+    a_only + b_only drawn). The runs' draws are independent: the total is compared with their
+    exact convolution. `p_value` is two-sided (twice the smaller tail, at most 1); `diff` is
+    A's color-selective count minus B's, summed over the runs.
+    """
+    pmf, observed, expected, a_total, b_total, c_total, n_runs = np.ones(1), 0, 0.0, 0, 0, 0, 0
+    for top_a, top_b, selective, dead in runs:
+        live = ~(torch.zeros_like(selective) if dead is None else dead.bool())
+        a = {int(f) for f in top_a if live[int(f)]}
+        b = {int(f) for f in top_b if live[int(f)]}
+        a_only, b_only = sorted(a - b), sorted(b - a)
+        color = selective.bool() & live
+        c_a, c_b = int(color[a_only].sum()), int(color[b_only].sum())
+        n, c = len(a_only) + len(b_only), c_a + c_b
+        pmf = np.convolve(pmf, hypergeom.pmf(np.arange(len(a_only) + 1), n, c, len(a_only)))
+        observed += c_a
+        expected += len(a_only) * c / n if n else 0.0
+        a_total, b_total, n_runs = a_total + len(a_only), b_total + len(b_only), n_runs + 1
+        c_total += c
+    p = 2 * min(pmf[observed:].sum(), pmf[:observed + 1].sum())
+    return {"runs": n_runs, "only_a": a_total, "only_b": b_total,
+            "diff": observed - (c_total - observed),
+            "color_only_a": observed, "expected_only_a": expected,
+            "p_value": float(min(1.0, p))}
+
+
 def plot_color_counts(counts, title: str = ""):
     """Bars: color-selective filters among the live top-K pruned, per layer and criterion, over
     a grey bar of the live top-K; the dashed tick is the count expected from random pruning
