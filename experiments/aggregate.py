@@ -39,7 +39,19 @@ folder given):
   filters among the top-K pruned summed over the runs (seeds) against the sum expected at
   random, with the exact pooled test (`carlib.analysis.color.pooled_color_count`), and the mean over
   runs of the threshold-free color index of the top-K and of the layer, with their difference
-  (`index_diff`: top-K minus layer, mean over runs with a Student-t 95% interval).
+  (`index_diff`: top-K minus layer, mean over runs with a Student-t 95% interval);
+- `color_comparisons.csv` (with filters.csv and curves.csv): CAR's top-K color count against
+  every other criterion's on the same seeds and layer: the exact paired test on the filters
+  only one of the two picked (`carlib.analysis.color.paired_color_count`) and the paired
+  t-test of the threshold-free index, each Holm-adjusted over the folder;
+- `finetuned_summary.csv` and `comparisons_finetuned.csv` (from finetuned.csv,
+  experiments/finetune.py): held-out top-1 before and after the same fine-tuning per layer and
+  criterion (t-intervals over seeds), the best baseline chosen on validation top-1, and the
+  comparisons above on the fine-tuned networks;
+- `compression_choice.csv` and `comparisons_compressed.csv` (from compression.csv of runs
+  with `source.criterion` and two or more `layer_compression` settings): per layer and
+  criterion the setting chosen on validation top-1 (the largest ratio within
+  COMPRESSION_TOLERANCE of the retrained pruned network), and CAR against the others at it.
 
     python experiments/aggregate.py outputs/multirun/2026-01-01_12-00-00
     python experiments/aggregate.py outputs/prune/run1 outputs/prune/run2 --out results/study
@@ -58,7 +70,7 @@ import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from carlib.analysis.color import pooled_color_count
+from carlib.analysis.color import paired_color_count, pooled_color_count
 from carlib.core.errors import CarlibError
 from carlib.core.io import write_csv
 from carlib.core.stats import compare_over_seeds, holm, mean_interval, verdict
@@ -66,13 +78,17 @@ from carlib.pruning.criteria import counts_flips
 
 RUNS, SUMMARY, DIFFERENCES = "runs.csv", "summary.csv", "differences.csv"
 DECISIONS, COMPARISONS = "decisions.csv", "comparisons.csv"
+COMPRESSION_TOLERANCE = 0.01  # compression_choice.csv: validation top-1 a setting may lose
 MARGIN = 0.02  # equivalence margin of comparisons.csv (held-out top-1), stated before looking
 EQUIVALENCE = ("loss", "car_random_tie")  # criteria CAR is tested for equivalence with
 # Columns of comparisons.csv other than the configuration columns.
 COMPARISON_COLUMNS = ("model", "dataset", "layer", "criterion", "versus", "n_seeds",
                       "diff_mean", "diff_lo", "diff_hi", "p_value", "p_holm", "p_tost",
                       "p_tost_holm", "margin", "verdict")
-COLOR_SUMMARY = "color_summary.csv"
+COLOR_SUMMARY, COLOR_COMPARISONS = "color_summary.csv", "color_comparisons.csv"
+FINETUNED_SUMMARY, FINETUNED_COMPARISONS = "finetuned_summary.csv", "comparisons_finetuned.csv"
+COMPRESSION_CHOICE, COMPRESSION_COMPARISONS = ("compression_choice.csv",
+                                               "comparisons_compressed.csv")
 SKIP_DIRS = {".hydra", "state", "wandb", ".submitit"}   # never run folders or results
 # Overrides (and their sub-keys) that are never a configuration of their own: what a row
 # already names (criterion, layer), what is averaged over (seed) or follows it (the source
@@ -81,7 +97,7 @@ SKIP_DIRS = {".hydra", "state", "wandb", ".submitit"}   # never run folders or r
 # decisions, it does not change them), the thread count of studies).
 NOT_CONDITIONS = ("run", "seed", "method.criteria", "method.layers", "paths", "logger",
                   "progress", "method.resume", "method.state_dir", "method.scoring.mode",
-                  "method.scoring.check", "interpret.source", "threads")
+                  "method.scoring.check", "interpret.source", "source.curves", "threads")
 # Columns of summary.csv other than the configuration columns.
 SUMMARY_COLUMNS = ("model", "dataset", "layer", "criterion", "filters_remaining", "n",
                    "heldout_top1_mean", "heldout_top1_std", "heldout_top1_full",
@@ -300,12 +316,19 @@ def decisions(curves: pd.DataFrame, regime: pd.DataFrame, conditions: Sequence[s
 def comparisons(curves: pd.DataFrame, conditions: Sequence[str] = (), margin: float = MARGIN,
                 reference: str = "car") -> pd.DataFrame:
     """comparisons.csv: `reference` minus every other criterion (see the module docstring)."""
-    ends = run_ends(curves, conditions)
+    return compare(run_ends(curves, conditions), conditions, margin, reference)
+
+
+def compare(ends: pd.DataFrame, conditions: Sequence[str] = (), margin: float = MARGIN,
+            reference: str = "car", value: str = "heldout_top1") -> pd.DataFrame:
+    """`reference` minus every other criterion in `ends` (one row per run: model, dataset,
+    layer, criterion, seed and `value`), per layer and configuration: the per-seed differences
+    of `value`, their mean with its t-interval and p-value (Holm over every row: one family),
+    the TOST p-value against the EQUIVALENCE criteria, and the verdict."""
     keys = [c for c in ("model", "dataset", *conditions, "layer") if c in ends]
     rows = []
     for key, g in ends.groupby(keys, sort=False, dropna=False):
-        top1 = g.pivot_table(index="seed", columns="criterion", values="heldout_top1",
-                             aggfunc="mean")
+        top1 = g.pivot_table(index="seed", columns="criterion", values=value, aggfunc="mean")
         if reference not in top1:
             continue
         for other in [c for c in dict.fromkeys(g["criterion"]) if c != reference]:
@@ -315,7 +338,11 @@ def comparisons(curves: pd.DataFrame, conditions: Sequence[str] = (), margin: fl
                 r["p_tost"] = math.nan
             rows.append({**dict(zip(keys, key)), "criterion": reference, "versus": other,
                          **r, "margin": margin if other in EQUIVALENCE else math.nan})
-    out = pd.DataFrame(rows)
+    return with_verdicts(pd.DataFrame(rows), margin)
+
+
+def with_verdicts(out: pd.DataFrame, margin: float) -> pd.DataFrame:
+    """Rows with p_value and p_tost (one family): Holm-adjusted columns and the verdict."""
     if out.empty:
         return out
     out.insert(out.columns.get_loc("p_value") + 1, "p_holm", holm(out["p_value"]))
@@ -323,6 +350,84 @@ def comparisons(curves: pd.DataFrame, conditions: Sequence[str] = (), margin: fl
     out["verdict"] = [verdict(r.n_seeds, r.diff_mean, r.p_holm, r.p_tost_holm, margin)
                       for r in out.itertuples()]
     return out
+
+
+def finetuned_summary(finetuned: pd.DataFrame, conditions: Sequence[str] = ()) -> pd.DataFrame:
+    """finetuned_summary.csv: per layer and criterion, held-out top-1 before and after the
+    fine-tuning (mean and t-interval over seeds), the mean validation top-1 after it, and
+    `best_baseline`: the baseline (a criterion that counts no flips: not CAR, its ablations or
+    loss) with the highest mean validation top-1 after fine-tuning over both layers; chosen on
+    the validation split, it is the one the compression study takes."""
+    keys = [c for c in ("model", "dataset", *conditions, "layer", "criterion") if c in finetuned]
+    rows = []
+    for key, g in finetuned.groupby(keys, sort=False, dropna=False):
+        before, before_lo, before_hi = _interval(g["heldout_top1_before"])
+        after, after_lo, after_hi = _interval(g["heldout_top1"])
+        rows.append({**dict(zip(keys, key)), "n_seeds": len(g),
+                     "filters_remaining": g["filters_remaining"].iloc[0],
+                     "heldout_top1_full": g["heldout_top1_full"].mean(),
+                     "heldout_top1_before": before, "heldout_top1_before_lo": before_lo,
+                     "heldout_top1_before_hi": before_hi, "heldout_top1": after,
+                     "heldout_top1_lo": after_lo, "heldout_top1_hi": after_hi,
+                     "val_top1": g["val_top1"].mean(),
+                     "retrain_epochs": g["retrain_epochs"].iloc[0]})
+    out = pd.DataFrame(rows)
+    base = out[[not counts_flips(c) for c in out["criterion"]]]
+    by = [c for c in ("model", "dataset", *conditions) if c in out]
+    out["best_baseline"] = False
+    for _, g in (base.groupby(by, sort=False, dropna=False) if by else [(None, base)]):
+        if len(g):
+            best = g.groupby("criterion", sort=False)["val_top1"].mean().idxmax()
+            out.loc[g.index[g["criterion"] == best], "best_baseline"] = True
+    return out
+
+
+def _with_setting(comp: pd.DataFrame) -> pd.DataFrame:
+    """compression.csv rows with `setting`, e.g. 'sparsity 0.6, 4 bits', from the overrides."""
+    return comp.assign(setting=[f"sparsity {s:g}, {int(b)} bits" for s, b in zip(
+        comp["layer_compression.sparsity"].astype(float), comp["layer_compression.bits"])])
+
+
+def compression_choice(comp: pd.DataFrame, tolerance: float = COMPRESSION_TOLERANCE
+                       ) -> pd.DataFrame:
+    """compression_choice.csv, from the compression.csv rows of runs with `source.criterion`,
+    `layer_compression.sparsity` and `.bits` (scripts/run_studies.sh compress): per layer,
+    criterion and setting, over seeds: the ratio and top-1 after the last stage, and the
+    retrained pruned network's; `chosen`: per layer and criterion, the setting with the largest
+    ratio whose mean validation top-1 after compression is within `tolerance` of the retrained
+    pruned network's (failing all, the one with the highest validation top-1). Chosen on the
+    validation split; held-out top-1 is reported, never used to choose."""
+    need = ("source.criterion", "layer_compression.sparsity", "layer_compression.bits")
+    if any(c not in comp for c in need):
+        return pd.DataFrame()
+    comp = _with_setting(comp)
+    keys = ["model", "dataset", "layer", "source.criterion", "setting"]
+    last = comp.groupby([*keys, "seed"], sort=False).tail(1).set_index([*keys, "seed"])
+    pruned = comp[comp["stage"] == "car_pruned"].set_index([*keys, "seed"])
+    rows = []
+    for key, g in last.groupby(keys, sort=False):
+        p = pruned.loc[g.index]
+        top1, lo, hi = _interval(g["heldout_top1"])
+        rows.append({**dict(zip(keys, key)), "n_seeds": len(g), "ratio": g["ratio"].mean(),
+                     "val_top1": g["val_top1"].mean(), "val_top1_pruned": p["val_top1"].mean(),
+                     "heldout_top1": top1, "heldout_top1_lo": lo, "heldout_top1_hi": hi,
+                     "heldout_top1_pruned": p["heldout_top1"].mean()})
+    out = pd.DataFrame(rows)
+    out["chosen"] = False
+    for _, g in out.groupby(keys[:-1], sort=False):
+        ok = g[g["val_top1"] >= g["val_top1_pruned"] - tolerance]
+        pick = ok["ratio"].idxmax() if len(ok) else g["val_top1"].idxmax()
+        out.loc[pick, "chosen"] = True
+    return out.rename(columns={"source.criterion": "criterion"})
+
+
+def compressed_ends(comp: pd.DataFrame, choice: pd.DataFrame) -> pd.DataFrame:
+    """One row per seed, layer and criterion: held-out top-1 after compression at the chosen
+    setting (for `compare`)."""
+    comp = _with_setting(comp).rename(columns={"source.criterion": "criterion"})
+    keys = ["model", "dataset", "layer", "criterion", "setting"]
+    last = comp.groupby([*keys, "seed"], sort=False).tail(1)
+    return last.merge(choice.loc[choice["chosen"], keys], on=keys)
 
 
 def color_summary(counts: pd.DataFrame, conditions: Sequence[str] = ()) -> pd.DataFrame:
@@ -339,6 +444,55 @@ def color_summary(counts: pd.DataFrame, conditions: Sequence[str] = ()) -> pd.Da
                      **dict(zip(("index_diff", "index_diff_lo", "index_diff_hi"), mean_interval(
                          g["index_mean_top_k"] - g["index_mean_layer"])))})
     return pd.DataFrame(rows)
+
+
+def color_comparisons(curves: pd.DataFrame, filters: pd.DataFrame, counts: pd.DataFrame,
+                      reference: str = "car") -> pd.DataFrame:
+    """color_comparisons.csv: `reference`'s top-K color counts against every other criterion's,
+    per color index, threshold and layer, on the same seeds: the exact paired test
+    (`carlib.analysis.color.paired_color_count`, on the filters only one of the two picked),
+    and the paired t-test over seeds of the threshold-free index (mean over the live top-K);
+    Holm over each column's family (the folder)."""
+    import torch
+
+    orders = {k: [int(f) for f in g["removed_filter"].dropna()]
+              for k, g in curves.groupby(["seed", "layer", "criterion"], sort=False)}
+    # a layer measured with the same index by two runs (both indices' runs) counts once
+    filters = filters.drop_duplicates(["index_used", "threshold", "layer", "seed", "filter"])
+    counts = counts.drop_duplicates(["index", "threshold", "layer", "seed", "criterion"])
+    rows = []
+    for (index, threshold, layer), f in filters.groupby(["index_used", "threshold", "layer"],
+                                                        sort=False):
+        cnt = counts[(counts["index"] == index) & (counts["threshold"] == threshold)
+                     & (counts["layer"] == layer)]
+        seeds = sorted(set(f["seed"]))
+        for other in [c for c in dict.fromkeys(cnt["criterion"]) if c != reference]:
+            runs, idx = [], []
+            for seed in seeds:
+                per = f[f["seed"] == seed].sort_values("filter")
+                k = cnt.loc[cnt["seed"] == seed, "top_k"]
+                mine = orders.get((seed, layer, reference))
+                theirs = orders.get((seed, layer, other))
+                if mine is None or theirs is None or k.empty:
+                    continue
+                runs.append((mine[:int(k.iloc[0])], theirs[:int(k.iloc[0])],
+                             torch.tensor(per["color_selective"].astype(bool).to_numpy()),
+                             torch.tensor(per["dead"].astype(bool).to_numpy())))
+                m = cnt[cnt["seed"] == seed].set_index("criterion")["index_mean_top_k"]
+                idx.append(float(m[reference]) - float(m[other]))
+            if not runs:
+                continue
+            t = compare_over_seeds(idx, MARGIN)
+            rows.append({"index": index, "threshold": threshold, "layer": layer,
+                         "criterion": reference, "versus": other,
+                         **paired_color_count(runs), "index_diff": t["diff_mean"],
+                         "index_diff_lo": t["diff_lo"], "index_diff_hi": t["diff_hi"],
+                         "p_index": t["p_value"]})
+    out = pd.DataFrame(rows)
+    if len(out):
+        out.insert(out.columns.get_loc("p_value") + 1, "p_holm", holm(out["p_value"]))
+        out["p_index_holm"] = holm(out["p_index"])
+    return out
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -400,6 +554,22 @@ def aggregate(paths: Sequence[Path], out: Path | None = None,
         counts = _read(out / "color_counts.csv")
         conds = condition_columns(counts, table.columns, over)
         written.append(write_csv(color_summary(counts, conds), out / COLOR_SUMMARY))
+        if "filters.csv" in tables and "curves.csv" in tables and "seed" in counts:
+            paired = color_comparisons(curves, _read(out / "filters.csv"), counts)
+            if len(paired):
+                written.append(write_csv(paired, out / COLOR_COMPARISONS))
+    if "finetuned.csv" in tables:
+        tuned = _read(out / "finetuned.csv")
+        conds = condition_columns(tuned, table.columns, over)
+        written.append(write_csv(finetuned_summary(tuned, conds), out / FINETUNED_SUMMARY))
+        written.append(write_csv(compare(tuned, conds, margin), out / FINETUNED_COMPARISONS))
+    if "compression.csv" in tables:
+        comp = _read(out / "compression.csv")
+        choice = compression_choice(comp)
+        if len(choice):
+            written.append(write_csv(choice, out / COMPRESSION_CHOICE))
+            written.append(write_csv(compare(compressed_ends(comp, choice), margin=margin),
+                                     out / COMPRESSION_COMPARISONS))
     return written
 
 

@@ -43,7 +43,9 @@ from carlib.analysis.color import plot_color_counts
 from carlib.core.errors import CarlibError
 from carlib.core.io import save_figure
 from carlib.viz.plotting import (
+    plot_before_after,
     plot_compression,
+    plot_compression_choice,
     plot_curves,
     plot_decisions,
     plot_differences,
@@ -239,11 +241,32 @@ def decisions_figures(t: Table) -> dict[str, plt.Figure]:
 
 
 def compression_figures(t: Table) -> dict[str, plt.Figure]:
-    """compression.png (carlib.viz.plotting.plot_compression); one per run when aggregated."""
-    if "run" in t.df and t.df["run"].nunique() > 1:  # aggregated: one figure per run
-        return {f"compression_{_slug(str(r))}.png": plot_compression(g)
-                for r, g in t.df.groupby("run", sort=False)}
+    """compression.png (carlib.viz.plotting.plot_compression) of one run; none for a study's
+    aggregated table (each run folder has its own, compression_choice.png compares them)."""
+    if "run" in t.df and t.df["run"].nunique() > 1:
+        return {}
     return {"compression.png": plot_compression(t.df)}
+
+
+def compression_choice_figures(t: Table) -> dict[str, plt.Figure]:
+    return {"compression_choice.png": plot_compression_choice(
+        t.df, title=f"{t.tag}layer compression of each criterion's pruned, fine-tuned network "
+                    "(filled: the setting chosen on validation top-1)")}
+
+
+def finetuned_figures(t: Table) -> dict[str, plt.Figure]:
+    """finetuned.png (from finetuned_summary.csv) and differences_finetuned.png (from
+    comparisons_finetuned.csv beside it)."""
+    figs = {"finetuned.png": plot_before_after(
+        t.df, title=f"{t.tag}every criterion's pruned network, fine-tuned with the same budget "
+                    "(mean over seeds, 95% t-interval)")}
+    comparisons = t.beside("comparisons_finetuned.csv")
+    if comparisons is not None and len(comparisons):
+        figs["differences_finetuned.png"] = plot_differences(
+            as_differences(comparisons), title=f"{t.tag}CAR minus every other criterion "
+            "after fine-tuning (verdict: Holm over the study; TOST ±margin against loss, "
+            "car_random_tie)\nmean over seeds, 95% t-interval")
+    return figs
 
 
 # CSV file name -> the function giving its figures {png file name: figure}
@@ -258,6 +281,8 @@ FIGURES: dict[str, Callable[[Table], dict[str, plt.Figure]]] = {
     "compression.csv": compression_figures,
     "differences.csv": differences_figures,
     "decisions.csv": decisions_figures,
+    "finetuned_summary.csv": finetuned_figures,
+    "compression_choice.csv": compression_choice_figures,
 }
 
 

@@ -323,3 +323,66 @@ def plot_decisions(df: pd.DataFrame, x: str, title: str | None = None) -> plt.Fi
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_before_after(df: pd.DataFrame, title: str | None = None) -> plt.Figure:
+    """Held-out top-1 of each criterion's pruned network before (hollow) and after (filled)
+    fine-tuning with the same budget, mean with its 95% t-interval over seeds, one panel per
+    layer; the dashed line is the full network. `df`: finetuned_summary.csv rows."""
+    layers = list(dict.fromkeys(df["layer"]))
+    fig, axes = plt.subplots(1, len(layers), squeeze=False, figsize=(6.2 * len(layers), 4.4))
+    for ax, layer in zip(axes[0], layers):
+        sub = df[df["layer"] == layer].reset_index(drop=True)
+        for x, r in sub.iterrows():
+            color = STYLE.get(r["criterion"], ("tab:gray", "-"))[0]
+            for shift, key, fill in ((-0.15, "heldout_top1_before", "none"),
+                                     (0.15, "heldout_top1", color)):
+                lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
+                if pd.notna(lo) and pd.notna(hi):
+                    ax.plot([x + shift] * 2, [lo * 100, hi * 100], color=color, lw=1.5)
+                ax.plot(x + shift, r[key] * 100, "o", color=color, mfc=fill, ms=6)
+            ax.annotate("", (x + 0.15, r["heldout_top1"] * 100),
+                        (x - 0.15, r["heldout_top1_before"] * 100),
+                        arrowprops={"arrowstyle": "->", "color": "0.6", "lw": 0.8})
+        ax.axhline(sub["heldout_top1_full"].mean() * 100, color="0.3", ls="--", lw=1,
+                   label="full network")
+        ax.set_xticks(range(len(sub)), sub["criterion"], rotation=35, ha="right", fontsize=8)
+        n = int(sub["n_seeds"].max())
+        ax.set_ylabel(f"held-out top-1 (%), mean over {n} seed{'s' * (n > 1)}", fontsize=9)
+        ax.set_title(f"{_panel_label(layer)}: {int(sub['filters_remaining'].iloc[0])} filters "
+                     f"left; hollow: pruned, filled: after {int(sub['retrain_epochs'].iloc[0])}"
+                     " epochs", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.93) if title else None)
+    return fig
+
+
+def plot_compression_choice(df: pd.DataFrame, title: str | None = None) -> plt.Figure:
+    """Held-out top-1 against the layer's compression ratio after weight pruning, sharing and
+    coding, per criterion (color) and setting (marker), mean with its 95% t-interval over
+    seeds, one panel per layer; the setting chosen on validation top-1 is filled.
+    `df`: compression_choice.csv rows."""
+    layers = list(dict.fromkeys(df["layer"]))
+    markers = dict(zip(dict.fromkeys(df["setting"]), "osD^v"))
+    fig, axes = plt.subplots(1, len(layers), squeeze=False, figsize=(5.6 * len(layers), 4.4))
+    for ax, layer in zip(axes[0], layers):
+        for r in df[df["layer"] == layer].itertuples():
+            color = STYLE.get(r.criterion, ("tab:gray", "-"))[0]
+            if pd.notna(r.heldout_top1_lo):
+                ax.plot([r.ratio] * 2, [r.heldout_top1_lo * 100, r.heldout_top1_hi * 100],
+                        color=color, lw=1.2)
+            ax.plot(r.ratio, r.heldout_top1 * 100, markers[r.setting], color=color, ms=7,
+                    mfc=color if r.chosen else "none",
+                    label=f"{r.criterion}, {r.setting}{' (chosen)' if r.chosen else ''}")
+        ax.set_xlabel("compression ratio of the layer (original bits / final bits)", fontsize=9)
+        ax.set_ylabel("held-out top-1 (%) after compression", fontsize=9)
+        ax.set_title(_panel_label(layer), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.93) if title else None)
+    return fig
