@@ -13,7 +13,12 @@
 #   lenet      LeNet-5 on Fashion-MNIST, seeds 0-4                            (~17 min)
 #   resnet     small ResNet, network-wide over 7 single-conv layers, seed 0   (~45 min)
 #   units      small ResNet, network-wide over every unit (residual streams), seeds 0-2 (~2 h)
-#   compress   retraining and layer compression of the main seed-0 CAR runs   (~5 min)
+#   retrain    every criterion's pruned networks of main fine-tuned with the same budget,
+#              seeds 0-4                                                      (~40 min)
+#   retrain_fashion  the same for the fashion runs                            (~25 min)
+#   compress   retraining and layer compression of main's CAR, loss and best-baseline
+#              (chosen on validation top-1 after retrain) networks, conv1 and conv2, two
+#              settings (chosen per criterion on validation top-1), COMPRESS_SEEDS (~40 min)
 #   saturated  the contrast: the old easy task scored on training images       (~8 min)
 #   sizes      scoring-set size: car, car_random_tie, loss, taylor, l1 at SIZES scoring
 #              images, SEEDS; the CAR family and loss also checked on SIZE fresh images for
@@ -34,7 +39,9 @@ SIZES=${SIZES:-250 1000 4000}  # scoring-set sizes of the sizes study (up to 160
 CHECKED=${CHECKED:-0 1}    # seeds whose sizes runs also check decisions on fresh images
 SEEDS_FASHION=${SEEDS_FASHION:-0 1 2}  # seeds of sizes_fashion
 CHECKED_FASHION=${CHECKED_FASHION:-}   # its seeds checked on fresh images (none by default)
-ALL="main interpret control fashion lenet resnet units compress saturated sizes sizes_fashion default"
+COMPRESS_SEEDS=${COMPRESS_SEEDS:-0 1 2}  # seeds of the compress study
+ALL="main interpret control fashion lenet resnet units retrain retrain_fashion compress saturated
+     sizes sizes_fashion default"
 
 JOBS=0
 run() {  # run <dir> <script> [overrides...]: skipped once done; resumes when interrupted
@@ -116,13 +123,36 @@ study_units() {
       source.curves=$S/resnet_small-shapes_hard-units/seed0/curves.csv source.coupled=true \
       layer_compression.enabled=false
 }
-study_compress() {
-  for layer in conv1 conv2; do
-    run alexnet_small-shapes_hard/compress_$layer experiments/compress.py \
-        source.curves=$S/alexnet_small-shapes_hard/seed0/curves.csv source.layer=$layer
-    run alexnet_small-shapes_hard/compress_${layer}_s80b3 experiments/compress.py \
-        source.curves=$S/alexnet_small-shapes_hard/seed0/curves.csv source.layer=$layer \
-        layer_compression.sparsity=0.8 layer_compression.bits=3
+study_finetune() {  # finetune <folder> [overrides...]: each seed's criteria, same budget
+  local d=$1; shift
+  for s in $SEEDS; do
+    run $d/finetune_seed$s experiments/finetune.py seed=$s "$@" \
+        source.curves=$S/$d/seed$s/curves.csv
+  done
+}
+study_retrain() {
+  study_finetune alexnet_small-shapes_hard
+}
+study_retrain_fashion() {
+  study_finetune alexnet_small-fashion_mnist experiment=fashion
+}
+study_compress() {  # CAR, loss and the best baseline after fine-tuning (by validation top-1;
+  local best crit layer s  # finetuned_summary.csv of retrain), two settings, COMPRESS_SEEDS
+  best=$("$P" -c "import pandas as pd; d = pd.read_csv('results/alexnet_small-shapes_hard/\
+finetuned_summary.csv'); print(d.loc[d.best_baseline, 'criterion'].iloc[0])" 2>/dev/null \
+         || echo taylor)  # CHECK=1 before any run: any baseline composes
+  for s in $COMPRESS_SEEDS; do
+    for crit in car loss $best; do
+      for layer in conv1 conv2; do
+        for setting in "0.6 4" "0.8 3"; do
+          set -- $setting
+          run alexnet_small-shapes_hard/compress_${crit}_${layer}_s${1#0.}0b$2_seed$s \
+              experiments/compress.py seed=$s source.criterion=$crit source.layer=$layer \
+              source.curves=$S/alexnet_small-shapes_hard/seed$s/curves.csv \
+              layer_compression.sparsity=$1 layer_compression.bits=$2
+        done
+      done
+    done
   done
 }
 study_saturated() {
@@ -162,6 +192,8 @@ declare -A FOLDER=([main]=alexnet_small-shapes_hard [interpret]=alexnet_small-sh
                    [fashion]=alexnet_small-fashion_mnist [lenet]=lenet5-fashion_mnist
                    [resnet]=resnet_small-shapes_hard-global
                    [units]=resnet_small-shapes_hard-units
+                   [retrain]=alexnet_small-shapes_hard
+                   [retrain_fashion]=alexnet_small-fashion_mnist
                    [compress]=alexnet_small-shapes_hard [saturated]=saturated-shapes
                    [sizes]=alexnet_small-shapes_hard-sizes
                    [sizes_fashion]=alexnet_small-fashion_mnist-sizes [default]=default_run)
