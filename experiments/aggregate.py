@@ -479,7 +479,8 @@ def color_comparisons(curves: pd.DataFrame, filters: pd.DataFrame, counts: pd.Da
                              torch.tensor(per["color_selective"].astype(bool).to_numpy()),
                              torch.tensor(per["dead"].astype(bool).to_numpy())))
                 m = cnt[cnt["seed"] == seed].set_index("criterion")["index_mean_top_k"]
-                idx.append(float(m[reference]) - float(m[other]))
+                same = set(runs[-1][0]) == set(runs[-1][1])  # the same filters: exactly 0
+                idx.append(0.0 if same else float(m[reference]) - float(m[other]))
             if not runs:
                 continue
             t = compare_over_seeds(idx, MARGIN)

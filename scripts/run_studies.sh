@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU-scale studies committed under results/ (see REPRODUCING.md): runs them into
 # outputs/study/, copies their tidy CSVs (and resolved configs and overrides) to
-# results/<study>/<run>/, aggregates each study over its seeds and redraws every figure.
+# results/<study>/<run>/, aggregates each study over its seeds, redraws every figure and writes
+# the verdict table (results/verdicts.csv and verdicts.md).
 #
 # Usage: scripts/run_studies.sh [study ...]     (default: all, in this order)
 #        CHECK=1 scripts/run_studies.sh [study ...]   only check that every job's config composes
@@ -205,6 +206,7 @@ main() {
   done
   if [ -n "${CHECK:-}" ]; then echo "$JOBS jobs: every config composes"; return; fi
   "$P" experiments/figures.py results/ > /dev/null  # the all-study figures (differences.png)
+  "$P" experiments/verdicts.py results/  # every comparison: results/verdicts.csv and .md
 }
 # bash reads a script while running it: with the work in functions and `main; exit` on one
 # line, editing this file while studies run cannot change what they do

@@ -1,0 +1,146 @@
+"""The verdict table: every comparison of every study in results/, in one tidy file and one page.
+
+Reads each study folder's comparisons (written by aggregate.py) and writes, to the folder given:
+
+- `verdicts.csv`: one row per comparison: study, stage (`pruned`: held-out top-1 at the end of
+  the greedy runs, comparisons.csv; `fine-tuned`: after the same fine-tuning,
+  comparisons_finetuned.csv; `compressed`: after retraining and layer compression at the
+  setting chosen on validation, comparisons_compressed.csv; `color count` / `color index`:
+  CAR's top-K color-selective count or threshold-free index against the other criterion's,
+  color_comparisons.csv), setting (the swept overrides, e.g. the scoring-set size; the color
+  index and threshold), layer, criterion, versus, seeds, the mean difference with its 95%
+  interval (none for counts: the exact test's difference in filters), the Holm-adjusted p-value,
+  the Holm-adjusted TOST p-value where an equivalence margin was set, and the verdict
+  (`carlib.core.stats.verdict`: higher, lower, equivalent within the margin, inconclusive);
+- `verdicts.md`: the same as Markdown tables, one per study, for REPRODUCING.md to cite.
+
+    python experiments/verdicts.py results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from carlib.core.errors import CarlibError
+from carlib.core.io import atomic_write_text, write_csv
+from carlib.core.stats import verdict
+
+STAGES = {"comparisons.csv": "pruned", "comparisons_finetuned.csv": "fine-tuned",
+          "comparisons_compressed.csv": "compressed"}
+COLUMNS = ["study", "stage", "setting", "layer", "criterion", "versus", "n_seeds", "diff_mean",
+           "diff_lo", "diff_hi", "p_holm", "p_tost_holm", "verdict"]
+KNOWN = {"model", "dataset", "layer", "criterion", "versus", "n_seeds", "diff_mean", "diff_lo",
+         "diff_hi", "p_value", "p_holm", "p_tost", "p_tost_holm", "margin", "verdict",
+         "setting"}
+
+
+def _setting(df: pd.DataFrame) -> pd.Series:
+    """The swept overrides of each row (columns other than the known ones), as 'key=value'."""
+    extra = [c for c in df.columns if c not in KNOWN]
+    if not extra:
+        return pd.Series([""] * len(df), index=df.index)
+    return df[extra].astype(str).apply(
+        lambda r: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r.items()), axis=1)
+
+
+def color_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """color_comparisons.csv as verdict rows: the count (exact paired test) and the index."""
+    setting = df["index"] + " index >= " + df["threshold"].map("{:g}".format)
+    count = pd.DataFrame({"stage": "color count", "setting": setting, "layer": df["layer"],
+                          "criterion": df["criterion"], "versus": df["versus"],
+                          "n_seeds": df["runs"], "diff_mean": df["diff"],
+                          "diff_lo": math.nan, "diff_hi": math.nan, "p_holm": df["p_holm"],
+                          "p_tost_holm": math.nan})
+    index = pd.DataFrame({"stage": "color index", "setting": df["index"] + " index",
+                          "layer": df["layer"], "criterion": df["criterion"],
+                          "versus": df["versus"], "n_seeds": df["runs"],
+                          "diff_mean": df["index_diff"], "diff_lo": df["index_diff_lo"],
+                          "diff_hi": df["index_diff_hi"], "p_holm": df["p_index_holm"],
+                          "p_tost_holm": math.nan})
+    # the index does not depend on the threshold: one row per index and layer
+    index = index.drop_duplicates(["setting", "layer", "criterion", "versus"])
+    out = pd.concat([count, index], ignore_index=True)
+    out["verdict"] = [verdict(int(n), d, p, math.nan, math.nan) for n, d, p
+                      in zip(out["n_seeds"], out["diff_mean"], out["p_holm"])]
+    same = pd.concat([df["only_a"] + df["only_b"] == 0] * 2, ignore_index=True)
+    out.loc[same.iloc[:len(out)].to_numpy() & (out["stage"] == "color count").to_numpy(),
+            "verdict"] = "the same filters in every run"
+    return out
+
+
+def verdicts(root: Path) -> pd.DataFrame:
+    """Every study folder's comparisons under `root` (see the module docstring)."""
+    frames = []
+    for study in sorted(p for p in root.iterdir() if p.is_dir()):
+        for name, stage in STAGES.items():
+            if (study / name).exists():
+                df = pd.read_csv(study / name)
+                if len(df):
+                    frames.append(df.assign(study=study.name, stage=stage,
+                                            setting=_setting(df)))
+        if (study / "color_comparisons.csv").exists():
+            df = pd.read_csv(study / "color_comparisons.csv")
+            if len(df):
+                frames.append(color_rows(df).assign(study=study.name))
+    if not frames:
+        raise CarlibError(f"no comparisons found under {root}; run experiments/aggregate.py on "
+                          "each study folder first")
+    return pd.concat(frames, ignore_index=True)[COLUMNS]
+
+
+def _pp(v: float, stage: str) -> str:
+    if v != v:
+        return ""
+    if stage == "color count":
+        return f"{v:+.0f}"
+    return f"{v:+.3f}" if stage == "color index" else f"{100 * v:+.1f}"
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """verdicts.md: one table per study (differences in percentage points of top-1; color counts
+    in filters; color index in index units)."""
+    out = ["# Verdicts", "", "Written by `experiments/verdicts.py` from each study's "
+           "comparisons (see its docstring); do not edit by hand. Differences: criterion minus "
+           "versus, mean over seeds [95% t-interval], in percentage points of held-out top-1 "
+           "(color count: filters; color index: index units). p: Holm-adjusted over the "
+           "study's comparisons of that kind; TOST: Holm-adjusted equivalence p within the "
+           "stated margin.", ""]
+    for study, g in df.groupby("study", sort=False):
+        out += [f"## {study}", "", "| stage | setting | layer | comparison | seeds | difference "
+                "[95% CI] | p (Holm) | TOST p (Holm) | verdict |", "|---|---|---|---|---|---|---|"
+                "---|---|"]
+        for r in g.itertuples():
+            ci = (f" [{_pp(r.diff_lo, r.stage)}, {_pp(r.diff_hi, r.stage)}]"
+                  if r.diff_lo == r.diff_lo else "")
+            p = "" if r.p_holm != r.p_holm else f"{r.p_holm:.3g}"
+            tost = "" if r.p_tost_holm != r.p_tost_holm else f"{r.p_tost_holm:.3g}"
+            out.append(f"| {r.stage} | {r.setting} | {r.layer} | {r.criterion} - {r.versus} | "
+                       f"{r.n_seeds} | {_pp(r.diff_mean, r.stage)}{ci} | {p} | {tost} | "
+                       f"{r.verdict} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", type=Path, help="the results folder (one folder per study)")
+    args = ap.parse_args(argv)
+    try:
+        if not args.root.is_dir():
+            raise CarlibError(f"not a folder: {args.root}; give the results folder")
+        df = verdicts(args.root)
+    except CarlibError as e:
+        sys.exit(f"error: {e}")
+    write_csv(df, args.root / "verdicts.csv")
+    atomic_write_text(args.root / "verdicts.md", markdown(df) + "\n")
+    print(f"{len(df)} comparisons of {df['study'].nunique()} studies -> "
+          f"{args.root / 'verdicts.csv'}, {args.root / 'verdicts.md'}")
+
+
+if __name__ == "__main__":
+    main()

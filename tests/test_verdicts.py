@@ -1,0 +1,80 @@
+"""experiments/verdicts.py: every study's comparisons in one table, verdicts from known cases."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import aggregate  # noqa: E402
+import verdicts  # noqa: E402
+
+
+def ends(diffs: dict[str, list[float]]) -> pd.DataFrame:
+    """One run per seed and criterion: car at 0.6, each other criterion at 0.6 - its diff."""
+    rows = []
+    for other, ds in diffs.items():
+        for seed, d in enumerate(ds):
+            rows += [{"model": "m", "dataset": "d", "layer": "conv1", "criterion": c,
+                      "seed": seed, "heldout_top1": v} for c, v in (("car", 0.6),
+                                                                     (other, 0.6 - d))]
+    return pd.DataFrame(rows).drop_duplicates(["criterion", "seed"])
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    a = tmp_path / "study_a"
+    a.mkdir()
+    # far above random on every seed, the same as loss within 0.1 pp: higher and equivalent
+    aggregate.compare(ends({"random": [0.20, 0.22, 0.21, 0.19, 0.20],
+                            "loss": [0.001, -0.001, 0.0005, -0.0005, 0.0]})
+                      ).to_csv(a / "comparisons.csv", index=False)
+    aggregate.compare(ends({"l1": [0.05, -0.04, 0.01]})).to_csv(
+        a / "comparisons_finetuned.csv", index=False)
+    pd.DataFrame([{"index": "response", "threshold": 0.25, "layer": "conv1",
+                   "criterion": "car", "versus": v, "runs": 5, "only_a": oa, "only_b": ob,
+                   "diff": d, "color_only_a": 0, "expected_only_a": 0.0, "p_value": p,
+                   "p_holm": p, "index_diff": i, "index_diff_lo": i - 0.01,
+                   "index_diff_hi": i + 0.01, "p_index": p, "p_index_holm": p}
+                  for v, oa, ob, d, p, i in (("random", 20, 20, 12, 0.001, 0.1),
+                                             ("loss", 0, 0, 0, 1.0, 0.0))]
+                 ).to_csv(a / "color_comparisons.csv", index=False)
+    (tmp_path / "study_b").mkdir()  # a study without comparisons is skipped
+    return tmp_path
+
+
+def test_verdicts_table_from_known_cases(results):
+    df = verdicts.verdicts(results)
+    assert list(df.columns) == verdicts.COLUMNS
+    assert set(df["study"]) == {"study_a"}
+    v = df.set_index(["stage", "versus"])["verdict"]
+    assert v["pruned", "random"] == "higher"
+    assert v["pruned", "loss"] == "equivalent within ±2 pp"
+    assert v["fine-tuned", "l1"] == "inconclusive"
+    assert v["color count", "random"] == "higher"
+    assert v["color count", "loss"] == "the same filters in every run"
+    assert v["color index", "random"] == "higher"
+    assert (df.loc[df.stage == "color count", "setting"] == "response index >= 0.25").all()
+    row = df[(df.stage == "pruned") & (df.versus == "random")].iloc[0]
+    assert row.diff_mean == pytest.approx(0.204) and row.diff_lo < 0.204 < row.diff_hi
+
+
+def test_verdicts_command_writes_csv_and_markdown(results):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments/verdicts.py"), str(results)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    md = (results / "verdicts.md").read_text()
+    assert "## study_a" in md and "| pruned |  | conv1 | car - random | 5 | +20.4 [" in md
+    assert len(pd.read_csv(results / "verdicts.csv")) == 7
+
+
+def test_verdicts_without_comparisons_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments/verdicts.py"), str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
+    assert "no comparisons found" in res.stderr
