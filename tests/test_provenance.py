@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import carlib
-from carlib.core.provenance import provenance
+from carlib.core.provenance import checkout_state, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +21,26 @@ def test_provenance_names_this_checkout():
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                           text=True, check=True).stdout.strip()
     status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
-                             "--untracked-files=no"], capture_output=True, text=True,
-                            check=True).stdout.strip()
+                             "--untracked-files=no", "--", ".", ":(exclude)results"],
+                            capture_output=True, text=True, check=True).stdout.strip()
     assert p["git_commit"] == head and p["git_dirty"] == bool(status)
+
+
+def test_results_written_by_the_studies_do_not_make_the_checkout_dirty(tmp_path):
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "summary.csv").write_text("a\n1\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    commit, dirty = checkout_state(tmp_path)
+    assert len(commit) == 40 and dirty is False
+    (tmp_path / "results" / "summary.csv").write_text("a\n2\n")  # a study rewrote it
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert checkout_state(tmp_path) == (commit, False)
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert checkout_state(tmp_path) == (commit, True)
+    assert checkout_state(tmp_path / "results") == (None, None)  # not a checkout's root

@@ -1,5 +1,6 @@
 """Which code made a result: carlib's version and, where carlib runs from a git checkout, the
-commit and whether tracked files had uncommitted changes (`git_dirty`)."""
+commit and whether tracked files outside results/ had uncommitted changes (`git_dirty`: the
+studies write their CSVs into results/ as they go, which changes no code)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,22 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout.strip()
 
 
+def checkout_state(root: Path) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the git checkout at `root`; dirty: tracked files outside results/
+    differ from the commit. (None, None) where `root` is not a git checkout."""
+    commit = _git(root, "rev-parse", "HEAD") if (root / ".git").exists() else None
+    status = (_git(root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                   ":(exclude)results") if commit else None)
+    return commit, None if status is None else bool(status)
+
+
 @functools.cache
 def provenance() -> dict:
-    """{"carlib_version", "git_commit", "git_dirty"} of the carlib being run: commit and dirty
-    flag of the checkout holding the package ("unknown" and None outside a git checkout)."""
+    """{"carlib_version", "git_commit", "git_dirty"} of the carlib being run: the commit and
+    dirty flag of the checkout holding the package (`checkout_state`; "unknown" and None
+    outside a git checkout)."""
     from carlib import __version__
 
-    root = Path(__file__).resolve().parents[2]
-    commit = _git(root, "rev-parse", "HEAD") if (root / ".git").exists() else None
-    status = _git(root, "status", "--porcelain", "--untracked-files=no") if commit else None
+    commit, dirty = checkout_state(Path(__file__).resolve().parents[2])
     return {"carlib_version": __version__, "git_commit": commit or "unknown",
-            "git_dirty": None if status is None else bool(status)}
+            "git_dirty": dirty}
