@@ -12,7 +12,11 @@ Reads each study folder's comparisons (written by aggregate.py) and writes, to t
   interval (none for counts: the exact test's difference in filters), the Holm-adjusted p-value,
   the Holm-adjusted TOST p-value where an equivalence margin was set, and the verdict
   (`carlib.core.stats.verdict`: higher, lower, equivalent within the margin, inconclusive);
-- `verdicts.md`: the same as Markdown tables, one per study, for REPRODUCING.md to cite.
+- `verdicts.md`: the same as Markdown tables, one per study, for REPRODUCING.md to cite,
+  after a table of which code made each study: per study, its runs, how many record their
+  provenance (provenance.yaml: carlib version, git commit, dirty flag) and which;
+- `provenance.csv`: one row per run folder: study, run, carlib_version, git_commit, git_dirty
+  (empty where the run predates provenance).
 
     python experiments/verdicts.py results/
 """
@@ -25,6 +29,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from carlib.core.errors import CarlibError
 from carlib.core.io import atomic_write_text, write_csv
@@ -93,6 +98,35 @@ def verdicts(root: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[COLUMNS]
 
 
+def provenance(root: Path) -> pd.DataFrame:
+    """provenance.csv: every run folder under the study folders of `root` (a folder with CSVs)
+    and the provenance.yaml it holds, if any."""
+    rows = []
+    for study in sorted(p for p in root.iterdir() if p.is_dir()):
+        for run in sorted(p for p in study.iterdir() if p.is_dir() and any(p.glob("*.csv"))):
+            f = run / "provenance.yaml"
+            rec = yaml.safe_load(f.read_text()) if f.exists() else {}
+            rows.append({"study": study.name, "run": run.name,
+                         "carlib_version": rec.get("carlib_version"),
+                         "git_commit": rec.get("git_commit"), "git_dirty": rec.get("git_dirty")})
+    return pd.DataFrame(rows, columns=["study", "run", "carlib_version", "git_commit",
+                                       "git_dirty"])
+
+
+def provenance_table(prov: pd.DataFrame) -> list[str]:
+    """Markdown lines: per study, how many runs record which code made them."""
+    out = ["## Which code made each study", "", "| study | runs | with provenance | carlib "
+           "version, commit (runs) | dirty |", "|---|---|---|---|---|"]
+    for study, g in prov.groupby("study", sort=False):
+        known = g.dropna(subset=["git_commit"])
+        made = ", ".join(f"{v} {str(c)[:7]} ({n})" for (v, c), n in
+                         known.groupby(["carlib_version", "git_commit"]).size().items())
+        dirty = int(known["git_dirty"].astype(bool).sum())
+        out.append(f"| {study} | {len(g)} | {len(known)} | {made or 'none recorded'} | "
+                   f"{dirty if len(known) else ''} |")
+    return [*out, ""]
+
+
 def _pp(v: float, stage: str) -> str:
     if v != v:
         return ""
@@ -101,7 +135,7 @@ def _pp(v: float, stage: str) -> str:
     return f"{v:+.3f}" if stage == "color index" else f"{100 * v:+.1f}"
 
 
-def markdown(df: pd.DataFrame) -> str:
+def markdown(df: pd.DataFrame, prov: pd.DataFrame) -> str:
     """verdicts.md: one table per study (differences in percentage points of top-1; color counts
     in filters; color index in index units)."""
     out = ["# Verdicts", "", "Written by `experiments/verdicts.py` from each study's "
@@ -109,7 +143,7 @@ def markdown(df: pd.DataFrame) -> str:
            "versus, mean over seeds [95% t-interval], in percentage points of held-out top-1 "
            "(color count: filters; color index: index units). p: Holm-adjusted over the "
            "study's comparisons of that kind; TOST: Holm-adjusted equivalence p within the "
-           "stated margin.", ""]
+           "stated margin.", "", *provenance_table(prov)]
     for study, g in df.groupby("study", sort=False):
         out += [f"## {study}", "", "| stage | setting | layer | comparison | seeds | difference "
                 "[95% CI] | p (Holm) | TOST p (Holm) | verdict |", "|---|---|---|---|---|---|---|"
@@ -136,8 +170,10 @@ def main(argv: list[str] | None = None) -> None:
         df = verdicts(args.root)
     except CarlibError as e:
         sys.exit(f"error: {e}")
+    prov = provenance(args.root)
     write_csv(df, args.root / "verdicts.csv")
-    atomic_write_text(args.root / "verdicts.md", markdown(df) + "\n")
+    write_csv(prov, args.root / "provenance.csv")
+    atomic_write_text(args.root / "verdicts.md", markdown(df, prov) + "\n")
     print(f"{len(df)} comparisons of {df['study'].nunique()} studies -> "
           f"{args.root / 'verdicts.csv'}, {args.root / 'verdicts.md'}")
 
