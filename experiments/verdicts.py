@@ -103,10 +103,11 @@ def provenance(root: Path) -> pd.DataFrame:
     and the provenance.yaml it holds, if any."""
     rows = []
     for study in sorted(p for p in root.iterdir() if p.is_dir()):
-        for run in sorted(p for p in study.iterdir() if p.is_dir() and any(p.glob("*.csv"))):
+        runs = sorted(p for p in study.iterdir() if p.is_dir() and any(p.glob("*.csv")))
+        for run in runs or ([study] if any(study.glob("*.csv")) else []):  # a run kept flat
             f = run / "provenance.yaml"
             rec = yaml.safe_load(f.read_text()) if f.exists() else {}
-            rows.append({"study": study.name, "run": run.name,
+            rows.append({"study": study.name, "run": run.relative_to(study).as_posix(),
                          "carlib_version": rec.get("carlib_version"),
                          "git_commit": rec.get("git_commit"), "git_dirty": rec.get("git_dirty")})
     return pd.DataFrame(rows, columns=["study", "run", "carlib_version", "git_commit",

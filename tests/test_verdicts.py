@@ -45,6 +45,7 @@ def results(tmp_path) -> Path:
                                              ("loss", 0, 0, 0, 1.0, 0.0))]
                  ).to_csv(a / "color_comparisons.csv", index=False)
     (tmp_path / "study_b").mkdir()  # a study without comparisons is skipped
+    (tmp_path / "study_b" / "curves.csv").write_text("x\n1\n")  # a run kept flat
     recorded = "carlib_version: 0.8.0\ngit_commit: abcdef1234\ngit_dirty: false\n"
     for run, prov in (("seed0", recorded), ("seed1", None)):
         (a / run).mkdir()
@@ -78,7 +79,8 @@ def test_verdicts_command_writes_csv_and_markdown(results):
     assert "## study_a" in md and "| pruned |  | conv1 | car - random | 5 | +20.4 [" in md
     assert len(pd.read_csv(results / "verdicts.csv")) == 7
     prov = pd.read_csv(results / "provenance.csv")
-    assert prov[["study", "run"]].values.tolist() == [["study_a", "seed0"], ["study_a", "seed1"]]
+    assert prov[["study", "run"]].values.tolist() == [["study_a", "seed0"], ["study_a", "seed1"],
+                                                      ["study_b", "."]]
     assert prov.loc[0, "git_commit"] == "abcdef1234" and prov["git_commit"].isna()[1]
     assert "| study_a | 2 | 1 | 0.8.0 abcdef1 (1) | 0 |" in md
 
