@@ -72,9 +72,8 @@ def color_rows(df: pd.DataFrame) -> pd.DataFrame:
     out = pd.concat([count, index], ignore_index=True)
     out["verdict"] = [verdict(int(n), d, p, math.nan, math.nan) for n, d, p
                       in zip(out["n_seeds"], out["diff_mean"], out["p_holm"])]
-    same = pd.concat([df["only_a"] + df["only_b"] == 0] * 2, ignore_index=True)
-    out.loc[same.iloc[:len(out)].to_numpy() & (out["stage"] == "color count").to_numpy(),
-            "verdict"] = "the same filters in every run"
+    same = (df["only_a"] + df["only_b"] == 0).to_numpy()  # the count rows come first
+    out.loc[out.index[:len(df)][same], "verdict"] = "the same filters in every run"
     return out
 
 
