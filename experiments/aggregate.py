@@ -35,6 +35,12 @@ folder given):
   (EQUIVALENCE: loss, car_random_tie) the TOST p-value for equivalence within ±`--margin`
   (default 2 pp; Holm-adjusted over those comparisons), and the verdict they support
   (`carlib.core.stats.verdict`);
+- `comparisons_settings.csv` (from curves.csv, where a SETTINGS override is swept, e.g. the
+  step size `method.k` or the scoring-set size `method.scoring.size`): per layer and
+  criterion, each value of the setting against its reference value (k: the smallest, one
+  removal per re-scoring; scoring size: the largest), as comparisons.csv does criteria: the
+  per-seed differences of held-out top-1 at the end, their interval, Holm over the file, and
+  TOST within ±`--margin` for every row (the question is whether the setting matters);
 - `color_summary.csv` (from color_counts.csv): per layer and criterion, the color-selective
   filters among the top-K pruned summed over the runs (seeds) against the sum expected at
   random, with the exact pooled test (`carlib.analysis.color.pooled_color_count`), and the mean over
@@ -78,6 +84,10 @@ from carlib.pruning.criteria import counts_flips
 
 RUNS, SUMMARY, DIFFERENCES = "runs.csv", "summary.csv", "differences.csv"
 DECISIONS, COMPARISONS = "decisions.csv", "comparisons.csv"
+SETTING_COMPARISONS = "comparisons_settings.csv"
+# Swept settings compared with each other (comparisons_settings.csv) and how each one's
+# reference value is chosen: the exact greedy (one removal per re-scoring), the most images.
+SETTINGS = {"method.k": min, "method.scoring.size": max}
 COMPRESSION_TOLERANCE = 0.01  # compression_choice.csv: validation top-1 a setting may lose
 MARGIN = 0.02  # equivalence margin of comparisons.csv (held-out top-1), stated before looking
 EQUIVALENCE = ("loss", "car_random_tie")  # criteria CAR is tested for equivalence with
@@ -341,6 +351,30 @@ def compare(ends: pd.DataFrame, conditions: Sequence[str] = (), margin: float = 
     return with_verdicts(pd.DataFrame(rows), margin)
 
 
+def compare_settings(curves: pd.DataFrame, conditions: Sequence[str] = (),
+                     margin: float = MARGIN) -> pd.DataFrame:
+    """comparisons_settings.csv: every value of each swept SETTINGS column against its
+    reference value, per layer, criterion and the other configuration columns (see the module
+    docstring); the column's name is in `setting`, the values in `value` and `versus`."""
+    ends = run_ends(curves, conditions)
+    rows = []
+    for column, pick in SETTINGS.items():
+        if column not in conditions:
+            continue
+        rest = [c for c in conditions if c != column]
+        keys = [c for c in ("model", "dataset", *rest, "layer", "criterion") if c in ends]
+        for key, g in ends.groupby(keys, sort=False, dropna=False):
+            top1 = g.pivot_table(index="seed", columns=column, values="heldout_top1",
+                                 aggfunc="mean")
+            ref = pick(top1.columns, key=float)
+            for value in [v for v in top1.columns if v != ref]:
+                d = (top1[value] - top1[ref]).dropna()
+                rows.append({**dict(zip(keys, key)), "setting": column, "value": value,
+                             "versus": ref, **compare_over_seeds(d.to_numpy(dtype=float),
+                                                                 margin), "margin": margin})
+    return with_verdicts(pd.DataFrame(rows), margin)
+
+
 def with_verdicts(out: pd.DataFrame, margin: float) -> pd.DataFrame:
     """Rows with p_value and p_tost (one family): Holm-adjusted columns and the verdict."""
     if out.empty:
@@ -547,6 +581,9 @@ def aggregate(paths: Sequence[Path], out: Path | None = None,
         compared = comparisons(curves, conds, margin)
         if len(compared):
             written.append(write_csv(compared, out / COMPARISONS))
+        settings = compare_settings(curves, conds, margin)
+        if len(settings):
+            written.append(write_csv(settings, out / SETTING_COMPARISONS))
         if regime is not None:
             timings = _read(out / "timings.csv") if "timings.csv" in tables else None
             written.append(write_csv(decisions(curves, regime, conds, timings),

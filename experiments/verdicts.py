@@ -5,12 +5,14 @@ Reads each study folder's comparisons (written by aggregate.py) and writes, to t
 - `verdicts.csv`: one row per comparison: study, stage (`pruned`: held-out top-1 at the end of
   the greedy runs, comparisons.csv; `fine-tuned`: after the same fine-tuning,
   comparisons_finetuned.csv; `compressed`: after retraining and layer compression at the
-  setting chosen on validation, comparisons_compressed.csv; `color count` / `color index`:
-  CAR's top-K color-selective count or threshold-free index against the other criterion's,
+  setting chosen on validation, comparisons_compressed.csv; `setting`: a criterion at one
+  value of a swept setting against the same criterion at its reference value,
+  comparisons_settings.csv, e.g. 'k=4 vs k=1'; `color count` / `color index`: CAR's top-K
+  color-selective count or threshold-free index against the other criterion's,
   color_comparisons.csv), setting (the swept overrides, e.g. the scoring-set size; the color
   index and threshold), layer, criterion, versus, seeds, the mean difference with its 95%
-  interval (none for counts: the exact test's difference in filters), the Holm-adjusted p-value,
-  the Holm-adjusted TOST p-value where an equivalence margin was set, and the verdict
+  interval (none for counts: the exact test's difference in filters), the Holm-adjusted
+  p-value, the Holm-adjusted TOST p-value where an equivalence margin was set, and the verdict
   (`carlib.core.stats.verdict`: higher, lower, equivalent within the margin, inconclusive);
 - `verdicts.md`: the same as Markdown tables, one per study, for REPRODUCING.md to cite,
   after a table of which code made each study: per study, its runs, how many record their
@@ -53,6 +55,16 @@ def _setting(df: pd.DataFrame) -> pd.Series:
         lambda r: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r.items()), axis=1)
 
 
+def setting_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """comparisons_settings.csv as verdict rows: a criterion at one value of a swept setting
+    minus the same criterion at the reference value (setting 'k=4 vs k=1')."""
+    name = df["setting"].str.split(".").str[-1]
+    out = df.drop(columns=["setting", "value", "versus"]).assign(versus=df["criterion"])
+    others = _setting(out)
+    label = name + "=" + df["value"].astype(str) + " vs " + name + "=" + df["versus"].astype(str)
+    return out.assign(stage="setting", setting=label.where(others == "", others + ", " + label))
+
+
 def color_rows(df: pd.DataFrame) -> pd.DataFrame:
     """color_comparisons.csv as verdict rows: the count (exact paired test) and the index."""
     setting = df["index"] + " index >= " + df["threshold"].map("{:g}".format)
@@ -87,6 +99,10 @@ def verdicts(root: Path) -> pd.DataFrame:
                 if len(df):
                     frames.append(df.assign(study=study.name, stage=stage,
                                             setting=_setting(df)))
+        if (study / "comparisons_settings.csv").exists():
+            df = pd.read_csv(study / "comparisons_settings.csv")
+            if len(df):
+                frames.append(setting_rows(df).assign(study=study.name))
         if (study / "color_comparisons.csv").exists():
             df = pd.read_csv(study / "color_comparisons.csv")
             if len(df):

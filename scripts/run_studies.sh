@@ -13,7 +13,10 @@
 #   fashion    alexnet_small on Fashion-MNIST (real images), seeds 0-4        (~40 min)
 #   lenet      LeNet-5 on Fashion-MNIST, seeds 0-4                            (~17 min)
 #   resnet     small ResNet, network-wide over 7 single-conv layers, seed 0   (~45 min)
-#   units      small ResNet, network-wide over every unit (residual streams), seeds 0-2 (~2 h)
+#   units      small ResNet, network-wide over every unit (residual streams), 4 removals per
+#              step, SEEDS                                     (~40 min per seed)
+#   units_step the step size of units: car and loss with 1 and with 4 removals per step over
+#              the first STEP_REMOVALS removals, STEP_SEEDS    (~? min per seed)
 #   retrain    every criterion's pruned networks of main fine-tuned with the same budget,
 #              seeds 0-4                                                      (~40 min)
 #   retrain_fashion  the same for the fashion runs                            (~25 min)
@@ -41,7 +44,9 @@ CHECKED=${CHECKED:-0 1}    # seeds whose sizes runs also check decisions on fres
 SEEDS_FASHION=${SEEDS_FASHION:-0 1 2}  # seeds of sizes_fashion
 CHECKED_FASHION=${CHECKED_FASHION:-}   # its seeds checked on fresh images (none by default)
 COMPRESS_SEEDS=${COMPRESS_SEEDS:-0 1 2}  # seeds of the compress study
-ALL="main interpret control fashion lenet resnet units retrain retrain_fashion compress saturated
+STEP_SEEDS=${STEP_SEEDS:-0 1 2}  # seeds of the units_step study
+STEP_REMOVALS=${STEP_REMOVALS:-24}  # its removals (units removes 88, 4 per step)
+ALL="main interpret control fashion lenet resnet units units_step retrain retrain_fashion compress saturated
      sizes sizes_fashion default"
 
 JOBS=0
@@ -116,13 +121,22 @@ study_resnet() {
       layer_compression.enabled=false
 }
 study_units() {
-  for s in 0 1 2; do
+  for s in $SEEDS; do
     run resnet_small-shapes_hard-units/seed$s experiments/prune.py experiment=resnet_small_units \
         seed=$s
   done
   run resnet_small-shapes_hard-units/compress experiments/compress.py model=resnet_small \
       source.curves=$S/resnet_small-shapes_hard-units/seed0/curves.csv source.coupled=true \
       layer_compression.enabled=false
+}
+study_units_step() {  # k=1 (re-scored after every removal) against k=4, same removals
+  for s in $STEP_SEEDS; do
+    for k in 1 4; do
+      run resnet_small-shapes_hard-units-step/seed$s-k$k experiments/prune.py \
+          experiment=resnet_small_units seed=$s method.k=$k method.n_remove=$STEP_REMOVALS \
+          method.criteria=[car,loss]
+    done
+  done
 }
 study_finetune() {  # finetune <folder> [overrides...]: each seed's criteria, same budget
   local d=$1; shift
@@ -193,6 +207,7 @@ declare -A FOLDER=([main]=alexnet_small-shapes_hard [interpret]=alexnet_small-sh
                    [fashion]=alexnet_small-fashion_mnist [lenet]=lenet5-fashion_mnist
                    [resnet]=resnet_small-shapes_hard-global
                    [units]=resnet_small-shapes_hard-units
+                   [units_step]=resnet_small-shapes_hard-units-step
                    [retrain]=alexnet_small-shapes_hard
                    [retrain_fashion]=alexnet_small-fashion_mnist
                    [compress]=alexnet_small-shapes_hard [saturated]=saturated-shapes

@@ -90,3 +90,31 @@ def test_verdicts_without_comparisons_is_one_line(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
     assert "no comparisons found" in res.stderr
+
+
+def test_setting_comparisons_from_known_curves():
+    # k=4 ends 5 pp below k=1 for car on every seed (with spread), within 0.1 pp for loss
+    rows = []
+    for seed, (dc, dl) in enumerate([(0.05, 0.001), (0.06, -0.001), (0.04, 0.0005),
+                                     (0.055, -0.0005), (0.045, 0.0)]):
+        for k, crit, end in [("1", "car", 0.6), ("4", "car", 0.6 - dc),
+                             ("1", "loss", 0.5), ("4", "loss", 0.5 - dl)]:
+            rows += [{"run": f"seed{seed}-k{k}", "model": "m", "dataset": "d",
+                      "layer": "conv1", "criterion": crit, "seed": seed, "method.k": k,
+                      "step": step, "heldout_top1": top1}
+                     for step, top1 in ((0, 0.7), (6, end))]
+    out = aggregate.compare_settings(pd.DataFrame(rows), ["method.k"])
+    assert out[["value", "versus"]].astype(str).values.tolist() == [["4", "1"], ["4", "1"]]
+    v = out.set_index("criterion")
+    assert v.loc["car", "diff_mean"] == pytest.approx(-0.05) and v.loc["car", "verdict"] == "lower"
+    assert v.loc["loss", "verdict"] == "equivalent within ±2 pp"
+    rows = verdicts.setting_rows(out)
+    assert rows["setting"].tolist() == ["k=4 vs k=1"] * 2 and (rows["stage"] == "setting").all()
+    assert (rows["criterion"] == rows["versus"]).all()
+    # the reference is chosen by value, not by its text: the largest scoring set is 16000
+    sizes = pd.DataFrame([
+        {"model": "m", "dataset": "d", "layer": "conv1", "criterion": "car", "seed": s,
+         "method.scoring.size": n, "step": step, "heldout_top1": 0.5 + s / 100 + n / 1e6}
+        for s in range(3) for n in (250, 4000, 16000) for step in (0, 1)])
+    ref = aggregate.compare_settings(sizes, ["method.scoring.size"])
+    assert set(ref["versus"]) == {16000} and sorted(ref["value"]) == [250, 4000]
