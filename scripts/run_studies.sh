@@ -14,9 +14,9 @@
 #   lenet      LeNet-5 on Fashion-MNIST, seeds 0-4                            (~17 min)
 #   resnet     small ResNet, network-wide over 7 single-conv layers, seed 0   (~45 min)
 #   units      small ResNet, network-wide over every unit (residual streams), 4 removals per
-#              step, SEEDS                                     (~40 min per seed)
+#              step, SEEDS                                     (~30 min per seed)
 #   units_step the step size of units: car and loss with 1 and with 4 removals per step over
-#              the first STEP_REMOVALS removals, STEP_SEEDS    (~? min per seed)
+#              the first STEP_REMOVALS removals, STEP_SEEDS    (~20 min per seed)
 #   retrain    every criterion's pruned networks of main fine-tuned with the same budget,
 #              seeds 0-4                                                      (~40 min)
 #   retrain_fashion  the same for the fashion runs                            (~25 min)
@@ -45,7 +45,7 @@ SEEDS_FASHION=${SEEDS_FASHION:-0 1 2}  # seeds of sizes_fashion
 CHECKED_FASHION=${CHECKED_FASHION:-}   # its seeds checked on fresh images (none by default)
 COMPRESS_SEEDS=${COMPRESS_SEEDS:-0 1 2}  # seeds of the compress study
 STEP_SEEDS=${STEP_SEEDS:-0 1 2}  # seeds of the units_step study
-STEP_REMOVALS=${STEP_REMOVALS:-24}  # its removals (units removes 88, 4 per step)
+STEP_REMOVALS=${STEP_REMOVALS:-20}  # its removals (units removes 88, 4 per step)
 ALL="main interpret control fashion lenet resnet units units_step retrain retrain_fashion compress saturated
      sizes sizes_fashion default"
 
