@@ -46,8 +46,8 @@ CHECKED_FASHION=${CHECKED_FASHION:-}   # its seeds checked on fresh images (none
 COMPRESS_SEEDS=${COMPRESS_SEEDS:-0 1 2}  # seeds of the compress study
 STEP_SEEDS=${STEP_SEEDS:-0 1 2}  # seeds of the units_step study
 STEP_REMOVALS=${STEP_REMOVALS:-20}  # its removals (units removes 88, 4 per step)
-ALL="main interpret control fashion lenet resnet units units_step retrain retrain_fashion compress saturated
-     sizes sizes_fashion default"
+ALL="main interpret control fashion lenet resnet units units_step retrain retrain_fashion compress
+     saturated sizes sizes_fashion default"
 
 JOBS=0
 run() {  # run <dir> <script> [overrides...]: skipped once done; resumes when interrupted

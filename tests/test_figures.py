@@ -343,3 +343,22 @@ def test_negative_margin_is_one_line(tmp_path, capsys):
     assert aggregate.main([str(tmp_path / "run"), "--margin", "-0.02"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--margin" in err[0]
+
+
+def test_class_importance_left_to_each_run_folder(tmp_path):
+    """A swept setting x seeds: every run's folder holds its own per-class table, so the
+    aggregate draws no class-importance figure; without those folders it draws one per
+    setting and seed."""
+    rows = [{"layer": "conv1", "filter": f, "class_index": k, "class_name": f"c{k}",
+             "car": 0.01 * (f - k), "seed": s, "run": f"seed{s}-k{kk}", "method.k": kk}
+            for s in (0, 1) for kk in (1, 4) for f in range(3) for k in range(2)]
+    df = pd.DataFrame(rows)
+    table = figures.Table(df, ["method.k"], "", tmp_path / "per_class_car.csv")
+    drawn = figures.per_class_figures(table)
+    assert len(drawn) == 4 and all(n.startswith("class_importance_conv1_") for n in drawn)
+    for run, g in df.groupby("run"):
+        (tmp_path / run).mkdir()
+        g.to_csv(tmp_path / run / "per_class_car.csv", index=False)
+    assert figures.per_class_figures(table) == {}
+    (tmp_path / "seed1-k4" / "per_class_car.csv").unlink()   # one run without its table
+    assert len(figures.per_class_figures(table)) == 4
