@@ -222,8 +222,9 @@ def plot_differences(diffs: pd.DataFrame, paired: pd.DataFrame | None = None,
               for r in rows}
     ncol = max(len(v) for v in layers.values())
     lines = diffs.groupby(["layer", *([row] if row else [])], sort=False)["versus"].nunique()
+    per_row = max(0.62 * int(lines.max()), 1.4)  # a panel of one line keeps room for its labels
     fig, axes = plt.subplots(len(rows), ncol, squeeze=False,
-                             figsize=(6.8 * ncol, 1.2 + 0.62 * int(lines.max()) * len(rows)))
+                             figsize=(6.8 * ncol, 1.2 + per_row * len(rows)))
     for i, r in enumerate(rows):
         for j in range(ncol):
             ax = axes[i][j]
