@@ -17,8 +17,8 @@ Reads each study folder's comparisons (written by aggregate.py) and writes, to t
 - `verdicts.md`: the same as Markdown tables, one per study, for REPRODUCING.md to cite,
   after a table of which code made each study: per study, its runs, how many record their
   provenance (provenance.yaml: carlib version, git commit, dirty flag) and which;
-- `provenance.csv`: one row per run folder: study, run, carlib_version, git_commit, git_dirty
-  (empty where the run predates provenance).
+- `provenance.csv`: one row per run folder: study, run, carlib_version, git_commit, git_dirty,
+  torch_version, cpu (empty where the run predates the field).
 
     python experiments/verdicts.py results/
 """
@@ -124,9 +124,10 @@ def provenance(root: Path) -> pd.DataFrame:
             rec = yaml.safe_load(f.read_text()) if f.exists() else {}
             rows.append({"study": study.name, "run": run.relative_to(study).as_posix(),
                          "carlib_version": rec.get("carlib_version"),
-                         "git_commit": rec.get("git_commit"), "git_dirty": rec.get("git_dirty")})
+                         "git_commit": rec.get("git_commit"), "git_dirty": rec.get("git_dirty"),
+                         "torch_version": rec.get("torch_version"), "cpu": rec.get("cpu")})
     return pd.DataFrame(rows, columns=["study", "run", "carlib_version", "git_commit",
-                                       "git_dirty"])
+                                       "git_dirty", "torch_version", "cpu"])
 
 
 def provenance_table(prov: pd.DataFrame) -> list[str]:

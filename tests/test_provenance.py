@@ -6,9 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import carlib
-from carlib.core.provenance import checkout_state, provenance
+from carlib.core.provenance import checkout_state, cpu_model, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_provenance_names_this_checkout():
     p = provenance()
     assert p["carlib_version"] == carlib.__version__
+    assert p["torch_version"] == torch.__version__
+    assert p["cpu"] == cpu_model() and isinstance(p["cpu"], str) and p["cpu"]
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,

@@ -46,7 +46,8 @@ def results(tmp_path) -> Path:
                  ).to_csv(a / "color_comparisons.csv", index=False)
     (tmp_path / "study_b").mkdir()  # a study without comparisons is skipped
     (tmp_path / "study_b" / "curves.csv").write_text("x\n1\n")  # a run kept flat
-    recorded = "carlib_version: 0.8.0\ngit_commit: abcdef1234\ngit_dirty: false\n"
+    recorded = ("carlib_version: 0.8.0\ngit_commit: abcdef1234\ngit_dirty: false\n"
+                "torch_version: 2.13.0\ncpu: Some CPU\n")
     for run, prov in (("seed0", recorded), ("seed1", None)):
         (a / run).mkdir()
         (a / run / "curves.csv").write_text("x\n1\n")
@@ -82,6 +83,7 @@ def test_verdicts_command_writes_csv_and_markdown(results):
     assert prov[["study", "run"]].values.tolist() == [["study_a", "seed0"], ["study_a", "seed1"],
                                                       ["study_b", "."]]
     assert prov.loc[0, "git_commit"] == "abcdef1234" and prov["git_commit"].isna()[1]
+    assert prov.loc[0, "cpu"] == "Some CPU" and prov["cpu"].isna()[1]
     assert "| study_a | 2 | 1 | 0.8.0 abcdef1 (1) | 0 |" in md
 
 

@@ -1,10 +1,13 @@
-"""Which code made a result: carlib's version and, where carlib runs from a git checkout, the
-commit and whether tracked files outside results/ had uncommitted changes (`git_dirty`: the
-studies write their CSVs into results/ as they go, which changes no code)."""
+"""Which code and machine made a result: carlib's version and, where carlib runs from a git
+checkout, the commit and whether tracked files outside results/ had uncommitted changes
+(`git_dirty`: the studies write their CSVs into results/ as they go, which changes no code);
+torch's version and the CPU model, because the same code trains slightly different networks on
+different CPUs (float sums in the order of each CPU's kernels)."""
 
 from __future__ import annotations
 
 import functools
+import platform
 import subprocess
 from pathlib import Path
 
@@ -28,13 +31,26 @@ def checkout_state(root: Path) -> tuple[str | None, bool | None]:
     return commit, None if status is None else bool(status)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows of it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 @functools.cache
 def provenance() -> dict:
-    """{"carlib_version", "git_commit", "git_dirty"} of the carlib being run: the commit and
-    dirty flag of the checkout holding the package (`checkout_state`; "unknown" and None
-    outside a git checkout)."""
+    """{"carlib_version", "git_commit", "git_dirty", "torch_version", "cpu"} of the run: the
+    commit and dirty flag of the checkout holding the package (`checkout_state`; "unknown" and
+    None outside a git checkout), torch's version and `cpu_model()`."""
+    import torch
+
     from carlib import __version__
 
     commit, dirty = checkout_state(Path(__file__).resolve().parents[2])
     return {"carlib_version": __version__, "git_commit": commit or "unknown",
-            "git_dirty": dirty}
+            "git_dirty": dirty, "torch_version": str(torch.__version__), "cpu": cpu_model()}
