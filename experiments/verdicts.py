@@ -35,6 +35,7 @@ import yaml
 
 from carlib.core.errors import CarlibError
 from carlib.core.io import atomic_write_text, write_csv
+from carlib.core.provenance import FIELDS as PROVENANCE_FIELDS
 from carlib.core.stats import verdict
 
 STAGES = {"comparisons.csv": "pruned", "comparisons_finetuned.csv": "fine-tuned",
@@ -123,11 +124,8 @@ def provenance(root: Path) -> pd.DataFrame:
             f = run / "provenance.yaml"
             rec = yaml.safe_load(f.read_text()) if f.exists() else {}
             rows.append({"study": study.name, "run": run.relative_to(study).as_posix(),
-                         "carlib_version": rec.get("carlib_version"),
-                         "git_commit": rec.get("git_commit"), "git_dirty": rec.get("git_dirty"),
-                         "torch_version": rec.get("torch_version"), "cpu": rec.get("cpu")})
-    return pd.DataFrame(rows, columns=["study", "run", "carlib_version", "git_commit",
-                                       "git_dirty", "torch_version", "cpu"])
+                         **{k: rec.get(k) for k in PROVENANCE_FIELDS}})
+    return pd.DataFrame(rows, columns=["study", "run", *PROVENANCE_FIELDS])
 
 
 def provenance_table(prov: pd.DataFrame) -> list[str]:

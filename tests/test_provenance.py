@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import carlib
-from carlib.core.provenance import checkout_state, cpu_model, provenance
+from carlib.core.provenance import FIELDS, checkout_state, cpu_model, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +47,14 @@ def test_results_written_by_the_studies_do_not_make_the_checkout_dirty(tmp_path)
     (tmp_path / "code.py").write_text("x = 2\n")
     assert checkout_state(tmp_path) == (commit, True)
     assert checkout_state(tmp_path / "results") == (None, None)  # not a checkout's root
+
+
+def test_cpu_model_reads_cpuinfo_and_falls_back(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Foo CPU @ 2.0GHz\nflags\t: x\n")
+    assert cpu_model(info) == "Foo CPU @ 2.0GHz"
+    assert cpu_model(tmp_path / "missing")  # no cpuinfo: platform's name, never empty
+
+
+def test_provenance_has_exactly_its_fields():
+    assert tuple(provenance()) == FIELDS

@@ -11,6 +11,9 @@ import platform
 import subprocess
 from pathlib import Path
 
+# the keys of provenance(), in order
+FIELDS = ("carlib_version", "git_commit", "git_dirty", "torch_version", "cpu")
+
 
 def _git(root: Path, *args: str) -> str | None:
     """`git -C root args` output, stripped; None where git or the checkout is missing."""
@@ -31,10 +34,11 @@ def checkout_state(root: Path) -> tuple[str | None, bool | None]:
     return commit, None if status is None else bool(status)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows of it."""
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (`cpuinfo`'s first "model name" line on Linux), else what
+    `platform` knows of it."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
