@@ -213,9 +213,25 @@ declare -A FOLDER=([main]=alexnet_small-shapes_hard [interpret]=alexnet_small-sh
                    [compress]=alexnet_small-shapes_hard [saturated]=saturated-shapes
                    [sizes]=alexnet_small-shapes_hard-sizes
                    [sizes_fashion]=alexnet_small-fashion_mnist-sizes [default]=default_run)
-main() {
-  for study in ${@:-$ALL}; do
+preflight() {  # preflight <studies>: names, and the data they need, checked before any run
+  local study
+  for study in "$@"; do
     [ -n "${FOLDER[$study]:-}" ] || { echo "unknown study '$study'; valid: $ALL" >&2; exit 2; }
+  done
+  [ -n "${CHECK:-}" ] && return  # composing configs reads no data
+  for study in "$@"; do
+    case "$study" in fashion|lenet|retrain_fashion|sizes_fashion)
+      "$P" -c "from carlib.data.datasets import fashion_mnist_dir as d; exit(d() is None)" || {
+        echo "study '$study' needs Fashion-MNIST, which is not in /usr/share/datasets/" \
+             "fashion-mnist: install it first (apt-get install dataset-fashion-mnist)" >&2
+        exit 2; }
+      return ;;
+    esac
+  done
+}
+main() {
+  preflight ${@:-$ALL}
+  for study in ${@:-$ALL}; do
     "study_$study"
     [ "$study" = default ] || collect "${FOLDER[$study]}"
   done

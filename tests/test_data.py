@@ -14,6 +14,7 @@ from PIL import Image
 from carlib.core.errors import CarlibError
 from carlib.data.datasets import (
     FASHION_MNIST_SYSTEM_DIR,
+    fashion_mnist_dir,
     load_dataset,
     load_indices,
     make_loader,
@@ -165,6 +166,22 @@ def test_fashion_mnist_from_tiny_idx(tmp_path: Path) -> None:
     pixels = (x[:, 0] * 0.3530 + 0.2860) * 255
     assert torch.allclose(pixels, torch.from_numpy(tr_x).float(), atol=1e-3)
     assert torch.equal(targets(b.test), torch.tensor([9, 0, 3, 3]))
+
+
+def test_fashion_mnist_dir_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_studies.sh's preflight: root, root/FashionMNIST/raw, the Debian directory, else None."""
+    import carlib.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
+    assert fashion_mnist_dir() is None and fashion_mnist_dir(tmp_path) is None
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for i, stem in enumerate(["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]):
+        _write_idx(raw / stem, np.zeros((2, 28, 28) if "images" in stem else (2,)), gz=i % 2 == 0)
+        assert fashion_mnist_dir(tmp_path) == (raw if i == 3 else None)  # all four or nothing
+    monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIR", raw)
+    assert fashion_mnist_dir() == raw
 
 
 def test_fashion_mnist_corrupt_idx(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 from conftest import TINY_BASE
 
 from carlib.analysis.classes import per_class_frame
-from carlib.viz.plotting import plot_curves
+from carlib.viz.plotting import plot_curves, plot_differences, plot_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -130,6 +130,32 @@ def test_plot_curves_seeds_and_rows():
         "filters_remaining").heldout_top1.mean() * 100
     np.testing.assert_allclose(line.get_ydata(), want.sort_index().to_numpy())
     assert len(plot_curves(df[df.config == "a"]).axes) == 2  # no row: as before
+
+
+@pytest.mark.parametrize("studies", [1, 12])
+def test_plot_differences_title_above_panels_with_little_room(studies):
+    """The two-line title sits above every panel, close to the top panels, short or tall."""
+    diffs = pd.DataFrame([dict(study=f"s{i}", layer=layer, versus=v, comparison="all",
+                               n_seeds=5, diff_mean=0.01, diff_lo=-0.01, diff_hi=0.03)
+                          for i in range(studies) for layer in ("conv1", "conv2")
+                          for v in ("loss", "l1")])
+    fig = plot_differences(diffs, row="study", title="a title\nits second line")
+    fig.canvas.draw()
+    title = fig._suptitle.get_window_extent()
+    tops = [ax.title.get_window_extent().y1 for ax in fig.axes if ax.get_visible()]
+    gap = (title.y0 - max(tops)) / fig.dpi  # inches between the title and the top panels
+    assert 0 < gap < 0.5 and title.y1 <= fig.bbox.y1
+
+
+def test_plot_summary_says_when_the_regime_is_pooled():
+    rows = [dict(layer="conv1", criterion=c, condition=f"size={n}", n=2, heldout_top1_mean=0.7,
+                 heldout_top1_std=0.01, scoring_top1=0.7 + n / 1e5, car_decided=0.9)
+            for n in (250, 4000) for c in ("car", "loss")]
+    one = plot_summary(pd.DataFrame(rows[:2])).axes[0].get_title()
+    both = plot_summary(pd.DataFrame(rows)).axes[0].get_title()
+    assert "car decided 90% of removals" in one and "configurations" not in one
+    assert both.endswith("scoring top-1 0.72, car decided 90% of removals\n"
+                         "(mean over 2 configurations)")
 
 
 def test_summarize_brute_force():

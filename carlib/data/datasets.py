@@ -145,8 +145,9 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _fashion_dir(root: str | os.PathLike | None) -> Path | None:
-    """First directory holding all four Fashion-MNIST idx files (gz or not)."""
+def fashion_mnist_dir(root: str | os.PathLike | None = None) -> Path | None:
+    """First directory holding all four Fashion-MNIST idx files (gz or not): `root`,
+    `root`/FashionMNIST/raw, then the Debian package's directory; None when none does."""
     candidates = []
     if root is not None:
         candidates += [Path(root), Path(root) / "FashionMNIST" / "raw"]
@@ -170,7 +171,7 @@ def _fashion_split(directory: Path, train: bool) -> tuple[torch.Tensor, torch.Te
 
 
 def _load_fashion(root: str | None, download: bool, pad: int = 0) -> tuple[Dataset, Dataset]:
-    directory = _fashion_dir(root)
+    directory = fashion_mnist_dir(root)
     if directory is not None:
         splits = [_fashion_split(directory, train) for train in (True, False)]
     else:

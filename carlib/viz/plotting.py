@@ -141,7 +141,8 @@ def plot_summary(df: pd.DataFrame, y: str = "heldout_top1", title: str | None = 
     layer, with `{y}_full` (the unpruned network) as a dashed tick if present; `df` is a
     summary table (one row per layer, criterion and configuration, experiments/aggregate.py).
     A `condition` column, if present, labels each bar with its configuration; `scoring_top1`
-    and `car_decided` columns, if present, note CAR's regime under each panel's title."""
+    and `car_decided` columns, if present, note CAR's regime under each panel's title (their
+    mean over the panel's configurations, said so when there are several)."""
     layers = list(dict.fromkeys(df["layer"]))
     bars = int(df.groupby("layer").size().max())
     fig, axes = plt.subplots(1, len(layers), figsize=(len(layers) * (1.2 + 0.75 * bars), 3.8),
@@ -163,6 +164,8 @@ def plot_summary(df: pd.DataFrame, y: str = "heldout_top1", title: str | None = 
             regime = f"\nscoring top-1 {sub['scoring_top1'].mean():.2f}"
             if "car_decided" in sub and sub["car_decided"].notna().any():
                 regime += f", car decided {sub['car_decided'].mean():.0%} of removals"
+            if "condition" in sub and sub["condition"].nunique() > 1:  # say what is pooled
+                regime += f"\n(mean over {sub['condition'].nunique()} configurations)"
         ax.set_title(f"{_panel_label(layer)}{regime}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel(f"{y.replace('_', ' ')} at the end (%)")
@@ -263,11 +266,22 @@ def plot_differences(diffs: pd.DataFrame, paired: pd.DataFrame | None = None,
             ax.set_title(_panel_label(layer) if r is None else f"{r}: {_panel_label(layer)}",
                          fontsize=9)
             ax.grid(axis="x", alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    # room for a two-line title above the panels, whatever the figure's height
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()) if title else None)
+    _layout_under_title(fig, title)
     return fig
+
+
+def _layout_under_title(fig: plt.Figure, title: str | None, fontsize: int = 11) -> None:
+    """tight_layout below `title`, pinned 0.1 in from the top: the band it keeps is the title's
+    own height whatever the figure's (a fraction of a tall figure would overlap or waste)."""
+    if not title:
+        fig.tight_layout()
+        return
+    height = fig.get_figheight()
+    text = fig.suptitle(title, fontsize=fontsize, y=1 - 0.1 / height, va="top")
+    text.set_in_layout(False)  # the rect below keeps its room, once
+    below = 0.1 + text.get_window_extent().height / fig.dpi + 0.1
+    fig.tight_layout(rect=(0, 0, 1, 1 - below / height))
+    text.set_in_layout(True)  # and a tight bbox on saving keeps the title
 
 
 def plot_decisions(df: pd.DataFrame, x: str, title: str | None = None) -> plt.Figure:
