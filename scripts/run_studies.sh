@@ -221,10 +221,9 @@ preflight() {  # preflight <studies>: names, and the data they need, checked bef
   [ -n "${CHECK:-}" ] && return  # composing configs reads no data
   for study in "$@"; do
     case "$study" in fashion|lenet|retrain_fashion|sizes_fashion)
-      "$P" -c "from carlib.data.datasets import fashion_mnist_dir as d; exit(d() is None)" || {
-        echo "study '$study' needs Fashion-MNIST, which is not in /usr/share/datasets/" \
-             "fashion-mnist: install it first (apt-get install dataset-fashion-mnist)" >&2
-        exit 2; }
+      "$P" -c "import sys; from carlib.data.datasets import FASHION_MNIST_SYSTEM_DIR as d, \
+fashion_mnist_dir as f; f() or sys.exit(f\"study '$study' needs Fashion-MNIST, which is not in \
+{d}: install it first (apt-get install dataset-fashion-mnist)\")" || exit 2
       return ;;
     esac
   done

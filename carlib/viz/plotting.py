@@ -164,8 +164,9 @@ def plot_summary(df: pd.DataFrame, y: str = "heldout_top1", title: str | None = 
             regime = f"\nscoring top-1 {sub['scoring_top1'].mean():.2f}"
             if "car_decided" in sub and sub["car_decided"].notna().any():
                 regime += f", car decided {sub['car_decided'].mean():.0%} of removals"
-            if "condition" in sub and sub["condition"].nunique() > 1:  # say what is pooled
-                regime += f"\n(mean over {sub['condition'].nunique()} configurations)"
+            pooled = sub["condition"].nunique() if "condition" in sub else 1
+            if pooled > 1:  # say what the regime's means pool
+                regime += f"\n(mean over {pooled} configurations)"
         ax.set_title(f"{_panel_label(layer)}{regime}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel(f"{y.replace('_', ' ')} at the end (%)")
